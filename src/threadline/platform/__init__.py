@@ -1,0 +1,1 @@
+"""The chassis: what every service uses and no domain knowledge at all."""

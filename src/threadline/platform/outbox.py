@@ -1,0 +1,91 @@
+"""The outbox relay: publishes what services wrote to their outbox, in order, until acknowledged."""
+
+import asyncio
+import logging
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from threadline.platform.db import Database, outbox_table, utcnow
+from threadline.platform.events import Bus, Event
+
+__all__ = ["OutboxRelay"]
+
+log = logging.getLogger(__name__)
+
+_SENT_ROWS_KEPT_FOR = timedelta(hours=1)
+
+
+class OutboxRelay:
+    """Moves events from one database's outbox onto the bus; marks each sent only once published."""
+
+    def __init__(
+        self, db: Database, bus: Bus, *, name: str, poll_seconds: float = 1.0, batch: int = 100
+    ) -> None:
+        self._db = db
+        self._bus = bus
+        self._name = name
+        self._poll_seconds = poll_seconds
+        self._batch = batch
+        self._wakeup = asyncio.Event()
+        db.on_commit(self.wake)
+
+    def wake(self) -> None:
+        """Look at the outbox now rather than at the next poll."""
+        self._wakeup.set()
+
+    async def drain(self) -> int:
+        """Publish every unsent event, oldest first; returns how many were published."""
+        published = 0
+        while True:
+            async with self._db.read() as conn:
+                rows = (
+                    await conn.execute(
+                        sa.select(outbox_table.c.seq, outbox_table.c.body)
+                        .where(outbox_table.c.sent_at.is_(None))
+                        .order_by(outbox_table.c.seq)
+                        .limit(self._batch)
+                    )
+                ).all()
+            if not rows:
+                return published
+            for seq, body in rows:
+                await self._bus.publish(Event.from_json(body))
+                async with self._db.write() as conn:
+                    await conn.execute(
+                        outbox_table.update()
+                        .where(outbox_table.c.seq == seq)
+                        .values(sent_at=utcnow())
+                    )
+                published += 1
+
+    async def prune(self) -> None:
+        """Forget events published long enough ago."""
+        async with self._db.write() as conn:
+            await conn.execute(
+                outbox_table.delete().where(outbox_table.c.sent_at < utcnow() - _SENT_ROWS_KEPT_FOR)
+            )
+
+    async def run(self) -> None:
+        """Relay forever: on every wake-up and every poll interval; back off while the bus is down."""
+        backoff = self._poll_seconds
+        polls = 0
+        while True:
+            self._wakeup.clear()
+            try:
+                await self.drain()
+                backoff = self._poll_seconds
+                polls += 1
+                if polls % 600 == 0:
+                    await self.prune()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("outbox relay %s: publish failed (%s); retrying", self._name, exc)
+                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(backoff)
+                continue
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_seconds)
+            except TimeoutError:
+                pass
