@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from alembic.config import Config
@@ -19,19 +19,44 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from threadline.platform.clock import utcnow
 from threadline.platform.events import Event, EventPayload
+from threadline.platform.pagination import PageRequest
 
 __all__ = [
     "PLATFORM_MIGRATIONS",
     "Database",
     "Migrations",
     "Transaction",
+    "UtcDateTime",
+    "insert_ignoring_conflicts",
     "outbox_table",
+    "page_of",
+    "paged",
     "processed_events_table",
-    "utcnow",
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """A timestamp that always comes back timezone-aware UTC, whatever the database keeps."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; use threadline.platform.clock.utcnow")
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
 
 chassis_metadata = sa.MetaData()
 
@@ -42,8 +67,8 @@ outbox_table = sa.Table(
     sa.Column("event_id", sa.String(36), nullable=False, unique=True),
     sa.Column("type", sa.String(100), nullable=False),
     sa.Column("body", sa.LargeBinary, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("sent_at", UtcDateTime, nullable=True),
 )
 
 processed_events_table = sa.Table(
@@ -51,13 +76,8 @@ processed_events_table = sa.Table(
     chassis_metadata,
     sa.Column("consumer", sa.String(100), primary_key=True),
     sa.Column("event_id", sa.String(36), primary_key=True),
-    sa.Column("processed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("processed_at", UtcDateTime, nullable=False),
 )
-
-
-def utcnow() -> datetime:
-    """The current time, timezone-aware UTC."""
-    return datetime.now(UTC)
 
 
 class Migrations:
@@ -192,10 +212,35 @@ class Transaction:
 
     async def claim_event(self, consumer: str, event_id: str) -> bool:
         """Record that `consumer` handles `event_id`; False if it already did (a redelivery)."""
-        values = {"consumer": consumer, "event_id": event_id, "processed_at": utcnow()}
-        if self.conn.dialect.name == "postgresql":
-            stmt: Any = postgresql.insert(processed_events_table).on_conflict_do_nothing()
-        else:
-            stmt = sqlite.insert(processed_events_table).on_conflict_do_nothing()
-        result = await self.conn.execute(stmt.values(**values))
-        return bool(result.rowcount == 1)
+        return await insert_ignoring_conflicts(
+            self.conn,
+            processed_events_table,
+            {"consumer": consumer, "event_id": event_id, "processed_at": utcnow()},
+        )
+
+
+async def insert_ignoring_conflicts(conn: AsyncConnection, table: sa.Table, values: dict[str, Any]) -> bool:
+    """Insert a row unless it clashes with a unique key; True if it was inserted."""
+    if conn.dialect.name == "postgresql":
+        stmt: Any = postgresql.insert(table).on_conflict_do_nothing()
+    else:
+        stmt = sqlite.insert(table).on_conflict_do_nothing()
+    result = await conn.execute(stmt.values(**values))
+    return bool(result.rowcount == 1)
+
+
+def paged(stmt: sa.Select[Any], id_column: sa.ColumnElement[str], page: PageRequest) -> sa.Select[Any]:
+    """Restrict a query to one page, newest first by a time-ordered id column (one extra row)."""
+    if page.cursor is not None:
+        stmt = stmt.where(id_column < page.cursor)
+    return stmt.order_by(id_column.desc()).limit(page.limit + 1)
+
+
+def page_of(
+    rows: Sequence[T], page: PageRequest, cursor_of: Callable[[T], str]
+) -> tuple[list[T], str | None]:
+    """Split the rows of a `paged` query into the page's rows and the next cursor."""
+    if len(rows) <= page.limit:
+        return list(rows), None
+    kept = list(rows[: page.limit])
+    return kept, cursor_of(kept[-1])

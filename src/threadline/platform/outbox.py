@@ -1,12 +1,14 @@
 """The outbox relay: publishes what services wrote to their outbox, in order, until acknowledged."""
 
 import asyncio
+import contextlib
 import logging
 from datetime import timedelta
 
 import sqlalchemy as sa
 
-from threadline.platform.db import Database, outbox_table, utcnow
+from threadline.platform.clock import utcnow
+from threadline.platform.db import Database, outbox_table
 from threadline.platform.events import Bus, Event
 
 __all__ = ["OutboxRelay"]
@@ -53,9 +55,7 @@ class OutboxRelay:
                 await self._bus.publish(Event.from_json(body))
                 async with self._db.write() as conn:
                     await conn.execute(
-                        outbox_table.update()
-                        .where(outbox_table.c.seq == seq)
-                        .values(sent_at=utcnow())
+                        outbox_table.update().where(outbox_table.c.seq == seq).values(sent_at=utcnow())
                     )
                 published += 1
 
@@ -85,7 +85,5 @@ class OutboxRelay:
                 backoff = min(backoff * 2, 5.0)
                 await asyncio.sleep(backoff)
                 continue
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_seconds)
-            except TimeoutError:
-                pass

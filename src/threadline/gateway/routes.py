@@ -1,0 +1,114 @@
+"""The public API (API.md) over the services' Protocols, whichever adapter implements them."""
+
+from collections.abc import Awaitable, Callable
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel
+
+from threadline.platform.pagination import Page, Paging
+from threadline.platform.web import Caller, Viewer
+from threadline.services.posts.api import PostCreate, PostPublic, PostsApi
+from threadline.services.users.api import (
+    AccessToken,
+    Credentials,
+    ProfileUpdate,
+    UserCreate,
+    UserPublic,
+    UsersApi,
+)
+
+__all__ = ["ServiceState", "ServiceStatus", "StatusAnswer", "build_router"]
+
+
+class ServiceState(BaseModel):
+    """Whether one service answers, and how many replicas it runs."""
+
+    status: str
+    replicas: int
+
+
+class StatusAnswer(BaseModel):
+    """The answer of /api/v1/status."""
+
+    topology: str
+    services: dict[str, ServiceState]
+
+
+ServiceStatus = Callable[[], Awaitable[dict[str, ServiceState]]]
+
+
+def build_router(*, users: UsersApi, posts: PostsApi, topology: str, status: ServiceStatus) -> APIRouter:
+    """The /api/v1 routes."""
+    router = APIRouter(prefix="/api/v1")
+
+    @router.post("/users", status_code=201)
+    async def register(data: UserCreate) -> UserPublic:
+        return await users.register(data)
+
+    @router.post("/sessions")
+    async def login(data: Credentials) -> AccessToken:
+        return await users.login(data)
+
+    @router.get("/users/{handle}")
+    async def get_user(handle: str) -> UserPublic:
+        return await users.get_by_handle(handle)
+
+    @router.get("/me")
+    async def me(identity: Caller) -> UserPublic:
+        return await users.get_user(identity.user_id)
+
+    @router.patch("/me")
+    async def update_me(identity: Caller, data: ProfileUpdate) -> UserPublic:
+        return await users.update_profile(identity, data)
+
+    @router.put("/me/following/{handle}", status_code=204)
+    async def follow(identity: Caller, handle: str) -> Response:
+        await users.follow(identity, handle)
+        return Response(status_code=204)
+
+    @router.delete("/me/following/{handle}", status_code=204)
+    async def unfollow(identity: Caller, handle: str) -> Response:
+        await users.unfollow(identity, handle)
+        return Response(status_code=204)
+
+    @router.get("/users/{handle}/followers")
+    async def followers(handle: str, page: Paging) -> Page[UserPublic]:
+        return await users.followers(handle, page)
+
+    @router.get("/users/{handle}/following")
+    async def following(handle: str, page: Paging) -> Page[UserPublic]:
+        return await users.following(handle, page)
+
+    @router.get("/users/{handle}/posts")
+    async def posts_by_author(viewer: Viewer, handle: str, page: Paging) -> Page[PostPublic]:
+        author = await users.get_by_handle(handle)
+        return await posts.posts_by_author(author.id, page, viewer)
+
+    @router.post("/posts", status_code=201)
+    async def create_post(identity: Caller, data: PostCreate) -> PostPublic:
+        return await posts.create_post(identity, data)
+
+    @router.get("/posts/{post_id}")
+    async def get_post(viewer: Viewer, post_id: str) -> PostPublic:
+        return await posts.get_post(post_id, viewer)
+
+    @router.delete("/posts/{post_id}", status_code=204)
+    async def delete_post(identity: Caller, post_id: str) -> Response:
+        await posts.delete_post(identity, post_id)
+        return Response(status_code=204)
+
+    @router.put("/posts/{post_id}/like", status_code=204)
+    async def like(identity: Caller, post_id: str) -> Response:
+        await posts.like(identity, post_id)
+        return Response(status_code=204)
+
+    @router.delete("/posts/{post_id}/like", status_code=204)
+    async def unlike(identity: Caller, post_id: str) -> Response:
+        await posts.unlike(identity, post_id)
+        return Response(status_code=204)
+
+    @router.get("/status")
+    async def get_status() -> StatusAnswer:
+        return StatusAnswer(topology=topology, services=await status())
+
+    return router

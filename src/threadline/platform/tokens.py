@@ -1,0 +1,109 @@
+"""Access-token verification against cached JWKS, done by every service for itself."""
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from threadline.platform.errors import ServiceUnavailable, Unauthorized
+
+__all__ = ["TOKEN_ALGORITHM", "TOKEN_AUDIENCE", "TOKEN_ISSUER", "Identity", "TokenVerifier"]
+
+TOKEN_ALGORITHM = "EdDSA"
+TOKEN_ISSUER = "threadline"
+TOKEN_AUDIENCE = "threadline"
+
+JwksSource = Callable[[], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A verified caller: the account id and handle from the token, and the token to pass on."""
+
+    user_id: str
+    handle: str
+    display_name: str
+    token: str
+
+
+class TokenVerifier:
+    """Verifies EdDSA access tokens with keys fetched from a JWKS source and cached.
+
+    Keys are refetched only for an unknown key id (at most every `refresh_seconds`), so
+    tokens keep verifying while the key owner is down.
+    """
+
+    def __init__(self, fetch_jwks: JwksSource, *, refresh_seconds: float = 10.0) -> None:
+        self._fetch_jwks = fetch_jwks
+        self._refresh_seconds = refresh_seconds
+        self._keys: dict[str, Any] = {}
+        self._fetched_at = -float("inf")
+        self._lock = asyncio.Lock()
+
+    async def verify(self, token: str) -> Identity:
+        """Return the identity a token proves, or raise Unauthorized."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise Unauthorized("the access token is malformed", code="invalid_token") from exc
+        kid = header.get("kid")
+        if header.get("alg") != TOKEN_ALGORITHM or not isinstance(kid, str):
+            raise Unauthorized("the access token is not one of ours", code="invalid_token")
+        key = await self._key(kid)
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[TOKEN_ALGORITHM],
+                audience=TOKEN_AUDIENCE,
+                issuer=TOKEN_ISSUER,
+                options={"require": ["exp", "iat", "sub"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthorized("the access token has expired", code="token_expired") from exc
+        except jwt.PyJWTError as exc:
+            raise Unauthorized("the access token is invalid", code="invalid_token") from exc
+        return Identity(
+            user_id=str(claims["sub"]),
+            handle=str(claims.get("handle", "")),
+            display_name=str(claims.get("name", "")),
+            token=token,
+        )
+
+    async def verify_header(self, authorization: str | None) -> Identity:
+        """Verify an `Authorization: Bearer …` header value."""
+        if not authorization:
+            raise Unauthorized("this route needs an access token", code="unauthorized")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("use 'Authorization: Bearer <token>'", code="invalid_token")
+        return await self.verify(token.strip())
+
+    async def _key(self, kid: str) -> Any:
+        if kid in self._keys:
+            return self._keys[kid]
+        async with self._lock:
+            if kid not in self._keys and (
+                time.monotonic() - self._fetched_at >= self._refresh_seconds or not self._keys
+            ):
+                await self._refresh()
+        if kid not in self._keys:
+            raise Unauthorized("the access token was signed by an unknown key", code="invalid_token")
+        return self._keys[kid]
+
+    async def _refresh(self) -> None:
+        try:
+            jwks = await self._fetch_jwks()
+        except ServiceUnavailable:
+            if not self._keys:
+                raise
+            return
+        self._fetched_at = time.monotonic()
+        self._keys = {
+            jwk["kid"]: jwt.PyJWK(jwk, algorithm=TOKEN_ALGORITHM).key
+            for jwk in jwks.get("keys", [])
+            if "kid" in jwk
+        }

@@ -1,0 +1,234 @@
+"""The app factory: health, readiness, metrics, deadlines, body limits and the API.md error shape."""
+
+import time
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import ORJSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from threadline.platform.deadlines import DEADLINE_HEADER, deadline_scope
+from threadline.platform.errors import FieldError, InvalidRequest, ServiceError, error_body
+from threadline.platform.tokens import Identity, TokenVerifier
+
+__all__ = ["Caller", "ReadinessCheck", "Viewer", "create_app"]
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+}
+
+
+def create_app(
+    *,
+    title: str,
+    routers: Sequence[APIRouter],
+    readiness: Mapping[str, ReadinessCheck],
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+    token_verifier: TokenVerifier,
+    max_body_bytes: int = 64 * 1024,
+) -> FastAPI:
+    """Build an ASGI app serving `routers` plus /healthz, /readyz and /metrics."""
+    app = FastAPI(
+        title=title,
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.token_verifier = token_verifier
+    metrics = _Metrics()
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> Response:
+        checks = {name: await check() for name, check in readiness.items()}
+        ready = all(checks.values())
+        return ORJSONResponse(
+            {"status": "ready" if ready else "not_ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_text() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render())
+
+    for router in routers:
+        app.include_router(router)
+
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(_EdgeMiddleware, max_body_bytes=max_body_bytes, metrics=metrics)
+    return app
+
+
+async def _service_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServiceError)
+    return ORJSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    fields = []
+    for err in exc.errors():
+        location = [str(part) for part in err.get("loc", ()) if part not in ("body", "query", "path")]
+        if err.get("type") == "json_invalid":
+            return ORJSONResponse(
+                InvalidRequest("the request body is not valid JSON").body(), status_code=422
+            )
+        fields.append(FieldError(".".join(location) or "body", str(err.get("msg", "invalid"))))
+    message = "invalid request: " + "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+    return ORJSONResponse(InvalidRequest(message, fields).body(), status_code=422)
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _STATUS_CODES.get(exc.status_code, "error")
+    detail = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    return ORJSONResponse(error_body(code, detail), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unexpected_error(_request: Request, _exc: Exception) -> Response:
+    return ORJSONResponse(
+        error_body("internal_error", "an unexpected error occurred; it has been logged"),
+        status_code=500,
+    )
+
+
+class _Metrics:
+    """Request counts and time per route, in the Prometheus text format."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str, int]] = Counter()
+        self.seconds: defaultdict[tuple[str, str], float] = defaultdict(float)
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests[(method, route, status)] += 1
+        self.seconds[(method, route)] += seconds
+
+    def render(self) -> str:
+        lines = ["# TYPE http_requests_total counter"]
+        for (method, route, status), count in sorted(self.requests.items()):
+            lines.append(
+                f'http_requests_total{{method="{method}",route="{route}",status="{status}"}} {count}'
+            )
+        lines.append("# TYPE http_request_seconds_total counter")
+        for (method, route), seconds in sorted(self.seconds.items()):
+            lines.append(f'http_request_seconds_total{{method="{method}",route="{route}"}} {seconds:.6f}')
+        return "\n".join(lines) + "\n"
+
+
+class _EdgeMiddleware:
+    """Refuses oversized bodies, adopts the caller's deadline, and counts requests per route."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: _Metrics) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        if headers.get(b"content-type", b"").split(b";")[0].strip() != b"application/json":
+            # The API is JSON only: read every body as JSON, whatever type the client declared.
+            headers[b"content-type"] = b"application/json"
+            scope = {**scope, "headers": list(headers.items())}
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            await _send_error(send, 413, "payload_too_large", self._too_large_message())
+            return
+        status = 500
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        timeout_ms = headers.get(DEADLINE_HEADER)
+        try:
+            with deadline_scope(_parse_ms(timeout_ms)):
+                await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            status = 413
+            await _send_error(send, 413, "payload_too_large", self._too_large_message())
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.metrics.observe(scope["method"], path, status, time.perf_counter() - started)
+
+    def _too_large_message(self) -> str:
+        return f"the request body is larger than {self.max_body_bytes} bytes"
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    def __init__(self) -> None:
+        super().__init__(413, "the request body is too large")
+
+
+def _parse_ms(raw: bytes | None) -> float | None:
+    if raw is None or not raw.isdigit():
+        return None
+    return int(raw) / 1000
+
+
+async def _send_error(send: Send, status: int, code: str, message: str) -> None:
+    response = ORJSONResponse(error_body(code, message), status_code=status)
+    await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+async def _required_identity(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Identity:
+    verifier: TokenVerifier = request.app.state.token_verifier
+    return await verifier.verify_header(authorization)
+
+
+async def _optional_identity(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Identity | None:
+    if authorization is None:
+        return None
+    return await _required_identity(request, authorization)
+
+
+Caller = Annotated[Identity, Depends(_required_identity)]
+"""A route parameter holding the verified caller; a missing or bad token is 401."""
+
+Viewer = Annotated[Identity | None, Depends(_optional_identity)]
+"""A route parameter holding the verified caller, or None for an anonymous one."""

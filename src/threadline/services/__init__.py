@@ -1,0 +1,1 @@
+"""The business services; each may import only the others' `api` modules."""

@@ -1,0 +1,1 @@
+"""posts: posts, likes and snapshots of their authors."""

@@ -1,0 +1,107 @@
+"""The posts service over HTTP: its internal routes, and the client adapter for other processes."""
+
+from fastapi import APIRouter, Response
+from pydantic import BaseModel, Field
+
+from threadline.platform.http_client import ServiceClient
+from threadline.platform.pagination import Page, PageRequest, Paging
+from threadline.platform.tokens import Identity
+from threadline.platform.web import Caller, Viewer
+from threadline.services.posts.api import MAX_BATCH, SERVICE, PostCreate, PostPublic, PostsApi
+
+__all__ = ["PostsClient", "build_router"]
+
+PREFIX = f"/{SERVICE}"
+
+
+class PostBatch(BaseModel):
+    """The ids of a batch read."""
+
+    ids: list[str] = Field(max_length=MAX_BATCH)
+
+
+def build_router(service: PostsApi) -> APIRouter:
+    """Internal routes, one per PostsApi operation."""
+    router = APIRouter(prefix=PREFIX)
+
+    @router.post("/posts", status_code=201)
+    async def create_post(identity: Caller, data: PostCreate) -> PostPublic:
+        return await service.create_post(identity, data)
+
+    @router.post("/posts/batch")
+    async def get_posts(viewer: Viewer, batch: PostBatch) -> list[PostPublic]:
+        return await service.get_posts(batch.ids, viewer)
+
+    @router.get("/posts/{post_id}")
+    async def get_post(viewer: Viewer, post_id: str) -> PostPublic:
+        return await service.get_post(post_id, viewer)
+
+    @router.delete("/posts/{post_id}", status_code=204)
+    async def delete_post(identity: Caller, post_id: str) -> Response:
+        await service.delete_post(identity, post_id)
+        return Response(status_code=204)
+
+    @router.put("/posts/{post_id}/like", status_code=204)
+    async def like(identity: Caller, post_id: str) -> Response:
+        await service.like(identity, post_id)
+        return Response(status_code=204)
+
+    @router.delete("/posts/{post_id}/like", status_code=204)
+    async def unlike(identity: Caller, post_id: str) -> Response:
+        await service.unlike(identity, post_id)
+        return Response(status_code=204)
+
+    @router.get("/authors/{author_id}/posts")
+    async def posts_by_author(viewer: Viewer, author_id: str, page: Paging) -> Page[PostPublic]:
+        return await service.posts_by_author(author_id, page, viewer)
+
+    return router
+
+
+class PostsClient(ServiceClient):
+    """PostsApi for callers in another process."""
+
+    async def create_post(self, identity: Identity, data: PostCreate) -> PostPublic:
+        """Publish a post or reply."""
+        body = await self.call("POST", f"{PREFIX}/posts", json=data.model_dump(), token=identity.token)
+        return PostPublic.model_validate(body)
+
+    async def get_post(self, post_id: str, viewer: Identity | None) -> PostPublic:
+        """One post as `viewer` sees it."""
+        body = await self.call("GET", f"{PREFIX}/posts/{post_id}", token=_token(viewer))
+        return PostPublic.model_validate(body)
+
+    async def get_posts(self, post_ids: list[str], viewer: Identity | None) -> list[PostPublic]:
+        """Several posts in one call."""
+        body = await self.call(
+            "POST", f"{PREFIX}/posts/batch", json={"ids": post_ids}, token=_token(viewer), idempotent=True
+        )
+        return [PostPublic.model_validate(item) for item in body]
+
+    async def delete_post(self, identity: Identity, post_id: str) -> None:
+        """Delete one's own post."""
+        await self.call("DELETE", f"{PREFIX}/posts/{post_id}", token=identity.token)
+
+    async def like(self, identity: Identity, post_id: str) -> None:
+        """Like a post."""
+        await self.call("PUT", f"{PREFIX}/posts/{post_id}/like", token=identity.token)
+
+    async def unlike(self, identity: Identity, post_id: str) -> None:
+        """Take a like back."""
+        await self.call("DELETE", f"{PREFIX}/posts/{post_id}/like", token=identity.token)
+
+    async def posts_by_author(
+        self, author_id: str, page: PageRequest, viewer: Identity | None
+    ) -> Page[PostPublic]:
+        """An author's posts, newest first."""
+        body = await self.call(
+            "GET",
+            f"{PREFIX}/authors/{author_id}/posts",
+            params=page.model_dump(exclude_none=True),
+            token=_token(viewer),
+        )
+        return Page[PostPublic].model_validate(body)
+
+
+def _token(viewer: Identity | None) -> str | None:
+    return None if viewer is None else viewer.token

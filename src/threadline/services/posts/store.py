@@ -1,0 +1,185 @@
+"""The posts service's tables and queries; migrations live beside it in `migrations/`."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from threadline.platform.clock import utcnow
+from threadline.platform.db import (
+    Database,
+    Migrations,
+    Transaction,
+    UtcDateTime,
+    insert_ignoring_conflicts,
+    page_of,
+    paged,
+)
+from threadline.platform.pagination import PageRequest
+from threadline.services.posts.api import SERVICE, AuthorPublic
+from threadline.services.posts.service import AuthorSnapshot, PostRecord
+
+__all__ = ["MIGRATIONS", "SqlPostStore"]
+
+MIGRATIONS = Migrations(Path(__file__).parent / "migrations")
+
+metadata = sa.MetaData()
+
+posts = sa.Table(
+    "posts",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("author_id", sa.String(36), nullable=False),
+    sa.Column("text", sa.String(500), nullable=False),
+    sa.Column("reply_to", sa.String(36), nullable=True),
+    sa.Column("root_id", sa.String(36), nullable=False),
+    sa.Column("audience", sa.String(16), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("deleted_at", UtcDateTime, nullable=True),
+    sa.Column("like_count", sa.Integer, nullable=False),
+    sa.Column("reply_count", sa.Integer, nullable=False),
+)
+
+likes = sa.Table(
+    "likes",
+    metadata,
+    sa.Column("post_id", sa.String(36), primary_key=True),
+    sa.Column("user_id", sa.String(36), primary_key=True),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+)
+
+authors = sa.Table(
+    "authors",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("handle", sa.String(30), nullable=False),
+    sa.Column("display_name", sa.String(50), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+_POST_WITH_AUTHOR = sa.select(
+    posts, authors.c.handle, authors.c.display_name, (posts.c.deleted_at.is_not(None)).label("deleted")
+).join(authors, authors.c.id == posts.c.author_id)
+
+
+def _record(row: sa.Row[Any]) -> PostRecord:
+    m = row._mapping
+    return PostRecord(
+        id=m["id"],
+        author=AuthorPublic(id=m["author_id"], handle=m["handle"], display_name=m["display_name"]),
+        text=m["text"],
+        reply_to=m["reply_to"],
+        root_id=m["root_id"],
+        audience=m["audience"],
+        created_at=m["created_at"],
+        like_count=m["like_count"],
+        reply_count=m["reply_count"],
+        deleted=bool(m["deleted"]),
+    )
+
+
+class SqlPostTransaction(Transaction):
+    """The posts queries on one connection."""
+
+    async def post(self, post_id: str) -> PostRecord | None:
+        """One post, deleted or not."""
+        row = (await self.conn.execute(_POST_WITH_AUTHOR.where(posts.c.id == post_id))).first()
+        return None if row is None else _record(row)
+
+    async def live_posts(self, post_ids: list[str]) -> list[PostRecord]:
+        """The live posts among `post_ids`."""
+        if not post_ids:
+            return []
+        stmt = _POST_WITH_AUTHOR.where(posts.c.id.in_(post_ids), posts.c.deleted_at.is_(None))
+        return [_record(row) for row in await self.conn.execute(stmt)]
+
+    async def posts_by_author(self, author_id: str, page: PageRequest) -> tuple[list[PostRecord], str | None]:
+        """A page of an author's live posts."""
+        stmt = _POST_WITH_AUTHOR.where(posts.c.author_id == author_id, posts.c.deleted_at.is_(None))
+        rows = (await self.conn.execute(paged(stmt, posts.c.id, page))).all()
+        kept, cursor = page_of(rows, page, lambda row: str(row.id))
+        return [_record(row) for row in kept], cursor
+
+    async def insert_post(self, post: PostRecord) -> None:
+        """Store a new post."""
+        await self.conn.execute(
+            posts.insert().values(
+                **post.model_dump(exclude={"author", "deleted"}), author_id=post.author.id, deleted_at=None
+            )
+        )
+
+    async def mark_deleted(self, post_id: str) -> None:
+        """Delete a post, keeping its id and thread position."""
+        await self.conn.execute(posts.update().where(posts.c.id == post_id).values(deleted_at=utcnow()))
+
+    async def count_reply(self, post_id: str, delta: int) -> None:
+        """Change a post's direct reply count."""
+        await self.conn.execute(
+            posts.update().where(posts.c.id == post_id).values(reply_count=posts.c.reply_count + delta)
+        )
+
+    async def add_like(self, post_id: str, user_id: str) -> bool:
+        """Record a like and count it."""
+        added = await insert_ignoring_conflicts(
+            self.conn, likes, {"post_id": post_id, "user_id": user_id, "created_at": utcnow()}
+        )
+        if added:
+            await self._count_like(post_id, +1)
+        return added
+
+    async def remove_like(self, post_id: str, user_id: str) -> bool:
+        """Remove a like and uncount it."""
+        result = await self.conn.execute(
+            likes.delete().where(likes.c.post_id == post_id, likes.c.user_id == user_id)
+        )
+        removed = bool(result.rowcount == 1)
+        if removed:
+            await self._count_like(post_id, -1)
+        return removed
+
+    async def liked_among(self, post_ids: list[str], user_id: str) -> set[str]:
+        """Which of `post_ids` `user_id` has liked."""
+        rows = await self.conn.execute(
+            sa.select(likes.c.post_id).where(likes.c.user_id == user_id, likes.c.post_id.in_(post_ids))
+        )
+        return {str(post_id) for (post_id,) in rows}
+
+    async def author(self, author_id: str) -> AuthorSnapshot | None:
+        """The stored snapshot of an author."""
+        row = (await self.conn.execute(sa.select(authors).where(authors.c.id == author_id))).first()
+        return None if row is None else AuthorSnapshot.model_validate(dict(row._mapping))
+
+    async def save_author(self, author: AuthorSnapshot) -> None:
+        """Insert the snapshot, or replace an older one."""
+        if not await insert_ignoring_conflicts(self.conn, authors, author.model_dump()):
+            await self.conn.execute(
+                authors.update()
+                .where(authors.c.id == author.id, authors.c.version < author.version)
+                .values(handle=author.handle, display_name=author.display_name, version=author.version)
+            )
+
+    async def _count_like(self, post_id: str, delta: int) -> None:
+        await self.conn.execute(
+            posts.update().where(posts.c.id == post_id).values(like_count=posts.c.like_count + delta)
+        )
+
+
+class SqlPostStore:
+    """The posts store on its own database."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[SqlPostTransaction]:
+        """A write transaction."""
+        async with self._db.write() as conn:
+            yield SqlPostTransaction(conn, SERVICE)
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[SqlPostTransaction]:
+        """A read-only transaction."""
+        async with self._db.read() as conn:
+            yield SqlPostTransaction(conn, SERVICE)

@@ -1,0 +1,1 @@
+"""users: accounts, password hashes, profiles, the follow graph and token-signing keys."""
