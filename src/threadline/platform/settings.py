@@ -36,9 +36,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _refuse_default_secret_outside_development(self) -> "Settings":
         if self.environment != "development" and self.secret_key == DEFAULT_SECRET_KEY:
-            raise ValueError(
-                "THREADLINE_SECRET_KEY must be set to a secret of your own outside development"
-            )
+            raise ValueError("THREADLINE_SECRET_KEY must be set to a secret of your own outside development")
         return self
 
     def database_url(self, service: str) -> str:

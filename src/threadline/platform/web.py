@@ -4,11 +4,12 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Annotated
+from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse, PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -48,7 +49,6 @@ def create_app(
     app = FastAPI(
         title=title,
         lifespan=lifespan,
-        default_response_class=ORJSONResponse,
         docs_url=None,
         redoc_url=None,
     )
@@ -63,7 +63,7 @@ def create_app(
     async def readyz() -> Response:
         checks = {name: await check() for name, check in readiness.items()}
         ready = all(checks.values())
-        return ORJSONResponse(
+        return JsonResponse(
             {"status": "ready" if ready else "not_ready", "checks": checks},
             status_code=200 if ready else 503,
         )
@@ -85,7 +85,7 @@ def create_app(
 
 async def _service_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    return ORJSONResponse(exc.body(), status_code=exc.status)
+    return JsonResponse(exc.body(), status_code=exc.status)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> Response:
@@ -94,26 +94,34 @@ async def _validation_error(_request: Request, exc: Exception) -> Response:
     for err in exc.errors():
         location = [str(part) for part in err.get("loc", ()) if part not in ("body", "query", "path")]
         if err.get("type") == "json_invalid":
-            return ORJSONResponse(
-                InvalidRequest("the request body is not valid JSON").body(), status_code=422
-            )
+            return JsonResponse(InvalidRequest("the request body is not valid JSON").body(), status_code=422)
         fields.append(FieldError(".".join(location) or "body", str(err.get("msg", "invalid"))))
     message = "invalid request: " + "; ".join(f"{f['field']}: {f['message']}" for f in fields)
-    return ORJSONResponse(InvalidRequest(message, fields).body(), status_code=422)
+    return JsonResponse(InvalidRequest(message, fields).body(), status_code=422)
 
 
 async def _http_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     code = _STATUS_CODES.get(exc.status_code, "error")
     detail = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-    return ORJSONResponse(error_body(code, detail), status_code=exc.status_code, headers=exc.headers)
+    return JsonResponse(error_body(code, detail), status_code=exc.status_code, headers=exc.headers)
 
 
 async def _unexpected_error(_request: Request, _exc: Exception) -> Response:
-    return ORJSONResponse(
+    return JsonResponse(
         error_body("internal_error", "an unexpected error occurred; it has been logged"),
         status_code=500,
     )
+
+
+class JsonResponse(Response):
+    """A JSON response rendered with orjson."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        """Serialize `content`."""
+        return orjson.dumps(content)
 
 
 class _Metrics:
@@ -207,7 +215,7 @@ def _parse_ms(raw: bytes | None) -> float | None:
 
 
 async def _send_error(send: Send, status: int, code: str, message: str) -> None:
-    response = ORJSONResponse(error_body(code, message), status_code=status)
+    response = JsonResponse(error_body(code, message), status_code=status)
     await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
 

@@ -20,8 +20,13 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
     )
-    op.create_index("outbox_unsent", "outbox", ["seq"], sqlite_where=sa.text("sent_at IS NULL"),
-                    postgresql_where=sa.text("sent_at IS NULL"))
+    op.create_index(
+        "outbox_unsent",
+        "outbox",
+        ["seq"],
+        sqlite_where=sa.text("sent_at IS NULL"),
+        postgresql_where=sa.text("sent_at IS NULL"),
+    )
     op.create_table(
         "processed_events",
         sa.Column("consumer", sa.String(100), primary_key=True),
