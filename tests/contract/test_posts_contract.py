@@ -16,7 +16,8 @@ async def test_create_and_read_a_post_and_its_reply(adapters: Adapters) -> None:
     root = await adapters.posts.create_post(ann, PostCreate(text="root"))
     reply = await adapters.posts.create_post(ann, PostCreate(text="reply", reply_to=root.id))
     deeper = await adapters.posts.create_post(ann, PostCreate(text="deeper", reply_to=reply.id))
-    assert root.root_id == root.id and root.reply_to is None
+    assert root.root_id == root.id
+    assert root.reply_to is None
     assert (deeper.reply_to, deeper.root_id) == (reply.id, root.id)
     fetched = await adapters.posts.get_post(root.id, None)
     assert (fetched.text, fetched.reply_count, fetched.author.display_name) == ("root", 1, "Ann")
