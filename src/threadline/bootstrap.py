@@ -156,9 +156,7 @@ def _connected(bus: Bus) -> ReadinessCheck:
     return check
 
 
-def _status_probe(
-    local: dict[str, Component], settings: Settings, session: HttpSession
-) -> Callable[[], Any]:
+def _status_probe(local: dict[str, Component], settings: Settings, session: HttpSession) -> Callable[[], Any]:
     async def probe(name: str) -> ServiceState:
         if name in local:
             up = await local[name].database.ping()

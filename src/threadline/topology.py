@@ -56,8 +56,7 @@ def parse_topology(text: str, services: tuple[str, ...]) -> Topology:
         for name in group:
             if name not in components:
                 raise TopologyError(
-                    f"unknown component {name!r} in topology {text!r}; "
-                    f"known: {', '.join(components)}"
+                    f"unknown component {name!r} in topology {text!r}; known: {', '.join(components)}"
                 )
             if name in seen:
                 raise TopologyError(f"{name!r} appears twice in topology {text!r}")
