@@ -1,0 +1,1 @@
+"""Unit tests: each application layer over hand-written fake ports."""

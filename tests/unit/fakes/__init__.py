@@ -1,0 +1,1 @@
+"""Tests of the fakes themselves: the transaction semantics the unit tests rely on."""
