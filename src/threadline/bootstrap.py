@@ -8,9 +8,10 @@ Threadline reads the topology.
 
 import asyncio
 import logging
+import signal
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +36,9 @@ from threadline.services.posts.http import PostsClient
 from threadline.services.users import app as users_app
 from threadline.services.users.http import UsersClient
 from threadline.services.users.store import SigningKeyUnreadable
-from threadline.topology import GATEWAY, Topology, parse_topology
+from threadline.topology import GATEWAY, SERVICES, Topology, parse_topology
 
-__all__ = ["SERVICES", "Process", "build_process", "serve"]
+__all__ = ["Process", "build_process", "running", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ _KINDS: dict[str, _ServiceKind] = {
     "posts": _ServiceKind(posts_app.build, PostsClient),
 }
 
-SERVICES: tuple[str, ...] = tuple(_KINDS)
+assert set(_KINDS) == set(SERVICES), "every service in topology.SERVICES needs a _ServiceKind"
 
 
 @dataclass
@@ -223,11 +224,26 @@ async def _serve(group: tuple[str, ...], settings: Settings) -> None:
             f"{name}: cannot listen on {settings.host}:{settings.port}, it is in use; "
             "stop what uses it or choose another port"
         )
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(stop_signal, server.handle_exit, stop_signal, None)
     print(f"threadline {name} serving on http://{settings.host}:{settings.port}", flush=True)
     try:
-        await uvicorn.Server(config).serve(sockets=[sock])
+        await server.serve(sockets=[sock])
     finally:
         await process.stop()
+    print(f"threadline {name} stopped", flush=True)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its own signal handling: it re-raises the signal after serving, which
+    would end the process before the outbox relays, bus and databases are closed."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Leave signals to the handlers `_serve` installed on the loop."""
+        yield
 
 
 def _fail(message: str) -> None:

@@ -2,9 +2,12 @@
 
 from dataclasses import dataclass
 
-__all__ = ["GATEWAY", "Topology", "TopologyError", "parse_topology"]
+__all__ = ["GATEWAY", "SERVICES", "Topology", "TopologyError", "parse_topology"]
 
 GATEWAY = "gateway"
+
+# Every service Threadline has; bootstrap.py maps each name to how it is built and reached.
+SERVICES: tuple[str, ...] = ("users", "posts")
 
 
 class TopologyError(ValueError):

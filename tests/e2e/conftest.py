@@ -11,10 +11,9 @@ import aiohttp
 import pytest
 
 from tests.e2e.client import Api
-from threadline.bootstrap import SERVICES
 from threadline.platform.settings import Settings
 from threadline.runner import Runner, running
-from threadline.topology import parse_topology
+from threadline.topology import SERVICES, parse_topology
 
 TOPOLOGIES = ["microservices", "monolith"]
 

@@ -11,6 +11,7 @@ import pytest
 from tests.e2e.client import Api
 from tests.e2e.conftest import System, start_system
 from tests.support.polling import eventually
+from threadline.platform.nats_bus import NatsBus
 from threadline.platform.nats_server import EmbeddedNats
 
 
@@ -81,7 +82,8 @@ async def test_events_survive_a_nats_restart(
     await eventually(outboxes_drained, within=60)
 
     published = sum(int(_rows(db, "SELECT count(*) FROM outbox")[0][0]) for db in (users_db, posts_db))
-    assert await _stream_messages(nats_server.url, "THREADLINE_EVENTS") == published
+    stream = NatsBus(nats_server.url, restartable.runner.settings.events_namespace).stream
+    assert await _stream_messages(nats_server.url, stream) == published
 
     profile_events = {
         str(event_id)

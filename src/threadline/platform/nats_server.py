@@ -18,6 +18,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from threadline.platform.processes import die_with_parent
+
 __all__ = ["EmbeddedNats", "EmbeddedNatsError", "find_nats_server"]
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,7 @@ class EmbeddedNats:
             # Its own session, so a Ctrl-C meant for the runner does not stop the bus before the
             # services that still publish to it; the owner stops it last.
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         try:
             self._wait_until_ready()

@@ -1,5 +1,6 @@
 """Process settings, read from `THREADLINE_*` environment variables."""
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -44,3 +45,12 @@ class Settings(BaseSettings):
         if service in self.database_urls:
             return self.database_urls[service]
         return f"sqlite+aiosqlite:///{(self.data_dir / f'{service}.db').resolve()}"
+
+    def as_environment(self) -> dict[str, str]:
+        """These settings as `THREADLINE_*` variables, so a child process reads the same ones."""
+        env = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is not None:
+                text = value if isinstance(value, str) else json.dumps(value)
+                env[f"THREADLINE_{name.upper()}"] = text
+        return env
