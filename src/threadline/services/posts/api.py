@@ -21,8 +21,11 @@ __all__ = [
     "PostDeleted",
     "PostLiked",
     "PostNotFound",
+    "PostPage",
     "PostPublic",
+    "PostRead",
     "PostsApi",
+    "PostsRead",
 ]
 
 SERVICE = "posts"
@@ -51,7 +54,11 @@ class AuthorPublic(BaseModel):
 
 
 class PostPublic(BaseModel):
-    """A post as one viewer sees it; `text` is None when it is locked for that viewer."""
+    """A post as one viewer sees it; `text` is None when it is locked for that viewer.
+
+    A subscribers-only post is locked for anyone but its author and the author's active
+    subscribers, and for everyone but the author when subscriptions cannot be checked.
+    """
 
     id: str
     author: AuthorPublic
@@ -66,12 +73,33 @@ class PostPublic(BaseModel):
     locked: bool
 
 
+class PostRead(BaseModel):
+    """One post as one viewer sees it, naming any service it had to do without."""
+
+    post: PostPublic
+    degraded: list[str]
+
+
+class PostsRead(BaseModel):
+    """Several posts as one viewer sees them, naming any service they had to do without."""
+
+    items: list[PostPublic]
+    degraded: list[str]
+
+
+class PostPage(Page[PostPublic]):
+    """A page of posts, naming any service it had to do without."""
+
+    degraded: list[str] = []
+
+
 class PostCreated(EventPayload):
-    """A post (or reply) was published."""
+    """A post (or reply) was published; it carries the post so consumers can keep a copy."""
 
     TYPE = "post.created"
     id: str
-    author_id: str
+    author: AuthorPublic
+    text: str
     reply_to: str | None
     root_id: str
     audience: Audience
@@ -115,10 +143,10 @@ class PostsApi(Protocol):
     async def create_post(self, identity: Identity, data: PostCreate) -> PostPublic:
         """Publish a post or a reply; raises PostNotFound for a reply to a missing post."""
 
-    async def get_post(self, post_id: str, viewer: Identity | None) -> PostPublic:
+    async def get_post(self, post_id: str, viewer: Identity | None) -> PostRead:
         """One post as `viewer` sees it; raises PostNotFound."""
 
-    async def get_posts(self, post_ids: list[str], viewer: Identity | None) -> list[PostPublic]:
+    async def get_posts(self, post_ids: list[str], viewer: Identity | None) -> PostsRead:
         """Up to MAX_BATCH posts in the order asked; missing or deleted ones are left out."""
 
     async def delete_post(self, identity: Identity, post_id: str) -> None:
@@ -130,7 +158,5 @@ class PostsApi(Protocol):
     async def unlike(self, identity: Identity, post_id: str) -> None:
         """Take a like back (idempotent); raises PostNotFound."""
 
-    async def posts_by_author(
-        self, author_id: str, page: PageRequest, viewer: Identity | None
-    ) -> Page[PostPublic]:
+    async def posts_by_author(self, author_id: str, page: PageRequest, viewer: Identity | None) -> PostPage:
         """An author's posts and replies, newest first."""

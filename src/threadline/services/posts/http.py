@@ -4,10 +4,19 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
 from threadline.platform.http_client import ServiceClient
-from threadline.platform.pagination import Page, PageRequest, Paging
+from threadline.platform.pagination import PageRequest, Paging
 from threadline.platform.tokens import Identity
 from threadline.platform.web import Caller, Viewer
-from threadline.services.posts.api import MAX_BATCH, SERVICE, PostCreate, PostPublic, PostsApi
+from threadline.services.posts.api import (
+    MAX_BATCH,
+    SERVICE,
+    PostCreate,
+    PostPage,
+    PostPublic,
+    PostRead,
+    PostsApi,
+    PostsRead,
+)
 
 __all__ = ["PostsClient", "build_router"]
 
@@ -29,11 +38,11 @@ def build_router(service: PostsApi) -> APIRouter:
         return await service.create_post(identity, data)
 
     @router.post("/posts/batch")
-    async def get_posts(viewer: Viewer, batch: PostBatch) -> list[PostPublic]:
+    async def get_posts(viewer: Viewer, batch: PostBatch) -> PostsRead:
         return await service.get_posts(batch.ids, viewer)
 
     @router.get("/posts/{post_id}")
-    async def get_post(viewer: Viewer, post_id: str) -> PostPublic:
+    async def get_post(viewer: Viewer, post_id: str) -> PostRead:
         return await service.get_post(post_id, viewer)
 
     @router.delete("/posts/{post_id}", status_code=204)
@@ -52,7 +61,7 @@ def build_router(service: PostsApi) -> APIRouter:
         return Response(status_code=204)
 
     @router.get("/authors/{author_id}/posts")
-    async def posts_by_author(viewer: Viewer, author_id: str, page: Paging) -> Page[PostPublic]:
+    async def posts_by_author(viewer: Viewer, author_id: str, page: Paging) -> PostPage:
         return await service.posts_by_author(author_id, page, viewer)
 
     return router
@@ -66,17 +75,17 @@ class PostsClient(ServiceClient):
         body = await self.call("POST", f"{PREFIX}/posts", json=data.model_dump(), token=identity.token)
         return PostPublic.model_validate(body)
 
-    async def get_post(self, post_id: str, viewer: Identity | None) -> PostPublic:
+    async def get_post(self, post_id: str, viewer: Identity | None) -> PostRead:
         """One post as `viewer` sees it."""
         body = await self.call("GET", f"{PREFIX}/posts/{post_id}", token=_token(viewer))
-        return PostPublic.model_validate(body)
+        return PostRead.model_validate(body)
 
-    async def get_posts(self, post_ids: list[str], viewer: Identity | None) -> list[PostPublic]:
+    async def get_posts(self, post_ids: list[str], viewer: Identity | None) -> PostsRead:
         """Several posts in one call."""
         body = await self.call(
             "POST", f"{PREFIX}/posts/batch", json={"ids": post_ids}, token=_token(viewer), idempotent=True
         )
-        return [PostPublic.model_validate(item) for item in body]
+        return PostsRead.model_validate(body)
 
     async def delete_post(self, identity: Identity, post_id: str) -> None:
         """Delete one's own post."""
@@ -90,9 +99,7 @@ class PostsClient(ServiceClient):
         """Take a like back."""
         await self.call("DELETE", f"{PREFIX}/posts/{post_id}/like", token=identity.token)
 
-    async def posts_by_author(
-        self, author_id: str, page: PageRequest, viewer: Identity | None
-    ) -> Page[PostPublic]:
+    async def posts_by_author(self, author_id: str, page: PageRequest, viewer: Identity | None) -> PostPage:
         """An author's posts, newest first."""
         body = await self.call(
             "GET",
@@ -100,7 +107,7 @@ class PostsClient(ServiceClient):
             params=page.model_dump(exclude_none=True),
             token=_token(viewer),
         )
-        return Page[PostPublic].model_validate(body)
+        return PostPage.model_validate(body)
 
 
 def _token(viewer: Identity | None) -> str | None:

@@ -7,11 +7,14 @@ from typing import Protocol
 from pydantic import BaseModel
 
 from threadline.platform.clock import utcnow
+from threadline.platform.errors import ServiceUnavailable
 from threadline.platform.events import EventPayload
 from threadline.platform.ids import new_id
 from threadline.platform.invalid import require_batch_size
-from threadline.platform.pagination import Page, PageRequest
+from threadline.platform.pagination import PageRequest
 from threadline.platform.tokens import Identity
+from threadline.services.payments.api import SERVICE as PAYMENTS
+from threadline.services.payments.api import PaymentsApi
 from threadline.services.posts.api import (
     MAX_BATCH,
     Audience,
@@ -22,7 +25,10 @@ from threadline.services.posts.api import (
     PostDeleted,
     PostLiked,
     PostNotFound,
+    PostPage,
     PostPublic,
+    PostRead,
+    PostsRead,
 )
 
 __all__ = ["AuthorSnapshot", "PostRecord", "PostStore", "PostTransaction", "PostsService"]
@@ -108,10 +114,11 @@ class PostStore(Protocol):
 
 
 class PostsService:
-    """Posts, replies and likes."""
+    """Posts, replies and likes; subscribers-only posts unlock for the author's subscribers."""
 
-    def __init__(self, store: PostStore) -> None:
+    def __init__(self, store: PostStore, payments: PaymentsApi) -> None:
         self._store = store
+        self._payments = payments
 
     async def create_post(self, identity: Identity, data: PostCreate) -> PostPublic:
         """Publish a post; a reply joins its parent's thread."""
@@ -150,29 +157,32 @@ class PostsService:
             await tx.emit(
                 PostCreated(
                     id=post.id,
-                    author_id=author.id,
+                    author=post.author,
+                    text=post.text,
                     reply_to=post.reply_to,
                     root_id=post.root_id,
                     audience=post.audience,
                     created_at=post.created_at,
                 )
             )
-        return _public(post, identity, liked=False)
+        return _public(post, identity, liked=False, entitled=set())
 
-    async def get_post(self, post_id: str, viewer: Identity | None) -> PostPublic:
+    async def get_post(self, post_id: str, viewer: Identity | None) -> PostRead:
         """One live post as `viewer` sees it."""
-        posts = await self.get_posts([post_id], viewer)
-        if not posts:
+        read = await self.get_posts([post_id], viewer)
+        if not read.items:
             raise PostNotFound(f"no post with id {post_id!r}")
-        return posts[0]
+        return PostRead(post=read.items[0], degraded=read.degraded)
 
-    async def get_posts(self, post_ids: list[str], viewer: Identity | None) -> list[PostPublic]:
+    async def get_posts(self, post_ids: list[str], viewer: Identity | None) -> PostsRead:
         """Live posts in the order asked."""
         require_batch_size("post_ids", post_ids, MAX_BATCH)
         async with self._store.read() as tx:
             found = {post.id: post for post in await tx.live_posts(post_ids)}
             liked = await tx.liked_among(list(found), viewer.user_id) if viewer and found else set()
-        return [_public(found[i], viewer, i in liked) for i in dict.fromkeys(post_ids) if i in found]
+        ordered = [found[i] for i in dict.fromkeys(post_ids) if i in found]
+        posts, degraded = await self._as_seen_by(ordered, viewer, liked)
+        return PostsRead(items=posts, degraded=degraded)
 
     async def delete_post(self, identity: Identity, post_id: str) -> None:
         """Delete one's own post."""
@@ -202,15 +212,34 @@ class PostsService:
             post = await _live(tx, post_id)
             await tx.remove_like(post.id, identity.user_id)
 
-    async def posts_by_author(
-        self, author_id: str, page: PageRequest, viewer: Identity | None
-    ) -> Page[PostPublic]:
+    async def posts_by_author(self, author_id: str, page: PageRequest, viewer: Identity | None) -> PostPage:
         """An author's posts and replies, newest first."""
         async with self._store.read() as tx:
-            posts, cursor = await tx.posts_by_author(author_id, page)
-            ids = [post.id for post in posts]
+            records, cursor = await tx.posts_by_author(author_id, page)
+            ids = [post.id for post in records]
             liked = await tx.liked_among(ids, viewer.user_id) if viewer and ids else set()
-        return Page(items=[_public(p, viewer, p.id in liked) for p in posts], next_cursor=cursor)
+        posts, degraded = await self._as_seen_by(records, viewer, liked)
+        return PostPage(items=posts, next_cursor=cursor, degraded=degraded)
+
+    async def _as_seen_by(
+        self, posts: list[PostRecord], viewer: Identity | None, liked: set[str]
+    ) -> tuple[list[PostPublic], list[str]]:
+        """The posts as `viewer` sees them; locked ones it cannot check are locked (fail closed)."""
+        creators = sorted(
+            {
+                post.author.id
+                for post in posts
+                if post.audience == "subscribers" and viewer is not None and viewer.user_id != post.author.id
+            }
+        )
+        entitled: set[str] = set()
+        degraded: list[str] = []
+        if creators and viewer is not None:
+            try:
+                entitled = set(await self._payments.entitled_creators(viewer.user_id, creators))
+            except ServiceUnavailable:
+                degraded = [PAYMENTS]
+        return [_public(post, viewer, post.id in liked, entitled) for post in posts], degraded
 
     async def apply_author_profile(self, event_id: str, author: AuthorSnapshot) -> None:
         """Adopt an author's newer profile (from user.registered / user.updated), once per event."""
@@ -226,8 +255,12 @@ async def _live(tx: PostTransaction, post_id: str) -> PostRecord:
     return post
 
 
-def _public(post: PostRecord, viewer: Identity | None, liked: bool) -> PostPublic:
-    locked = post.audience == "subscribers" and (viewer is None or viewer.user_id != post.author.id)
+def _public(post: PostRecord, viewer: Identity | None, liked: bool, entitled: set[str]) -> PostPublic:
+    locked = (
+        post.audience == "subscribers"
+        and (viewer is None or viewer.user_id != post.author.id)
+        and post.author.id not in entitled
+    )
     return PostPublic(
         id=post.id,
         author=post.author,

@@ -1,0 +1,1 @@
+"""payments: sandbox payment methods, subscriptions, tips, the ledger and idempotency records."""

@@ -1,0 +1,1 @@
+"""threads: conversation trees built from post events."""
