@@ -95,13 +95,14 @@ class TokenVerifier:
         return self._keys[kid]
 
     async def _refresh(self) -> None:
+        # A failed fetch counts too, so a key owner that is down is not asked again at once.
+        self._fetched_at = time.monotonic()
         try:
             jwks = await self._fetch_jwks()
         except ServiceUnavailable:
             if not self._keys:
                 raise
             return
-        self._fetched_at = time.monotonic()
         self._keys = {
             jwk["kid"]: jwt.PyJWK(jwk, algorithm=TOKEN_ALGORITHM).key
             for jwk in jwks.get("keys", [])

@@ -1,0 +1,553 @@
+"""A service's database on real SQLite files: migrations, transactions, the outbox and its relay."""
+
+import asyncio
+import contextlib
+import textwrap
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import sqlalchemy as sa
+
+from tests.support.polling import eventually
+from threadline.platform.clock import utcnow
+from threadline.platform.db import (
+    Database,
+    Migrations,
+    Transaction,
+    UtcDateTime,
+    outbox_table,
+    page_of,
+    paged,
+    processed_events_table,
+)
+from threadline.platform.events import Event, EventHandler, EventPayload, InProcessBus
+from threadline.platform.ids import new_id
+from threadline.platform.outbox import OutboxRelay
+from threadline.platform.pagination import PageRequest
+
+SOURCE = "notes"
+
+metadata = sa.MetaData()
+notes_table = sa.Table(
+    "notes",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=True),
+)
+
+FIRST_REVISION = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "notes_0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "notes",
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("body", sa.Text, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=True),
+    )
+"""
+
+SECOND_REVISION = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "notes_0002"
+down_revision = "notes_0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table("tags", sa.Column("name", sa.String(50), primary_key=True))
+"""
+
+
+class NoteAdded(EventPayload):
+    TYPE: ClassVar[str] = "note.added"
+    note_id: str
+    body: str
+
+
+def write_revision(folder: Path, name: str, source: str) -> None:
+    versions = folder / "versions"
+    versions.mkdir(parents=True, exist_ok=True)
+    (versions / name).write_text(textwrap.dedent(source))
+
+
+@pytest.fixture
+def migrations(tmp_path: Path) -> Migrations:
+    folder = tmp_path / "migrations"
+    write_revision(folder, "0001_notes.py", FIRST_REVISION)
+    return Migrations(folder, "notes_alembic_version")
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'notes.db'}"
+
+
+@pytest.fixture
+async def db(db_url: str, migrations: Migrations) -> AsyncIterator[Database]:
+    database = Database(db_url)
+    await database.open([migrations])
+    yield database
+    await database.close()
+
+
+async def add_note(db: Database, body: str, *, note_id: str | None = None) -> Event:
+    """One write transaction: a note and its event."""
+    note_id = note_id or new_id()
+    async with db.write() as conn:
+        await conn.execute(notes_table.insert().values(id=note_id, body=body))
+        return await Transaction(conn, SOURCE).emit(NoteAdded(note_id=note_id, body=body))
+
+
+async def count(db: Database, table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
+    async with db.read() as conn:
+        return int(
+            (await conn.execute(sa.select(sa.func.count()).select_from(table).where(*where))).scalar_one()
+        )
+
+
+async def versions(db: Database, version_table: str) -> list[str]:
+    async with db.read() as conn:
+        return list((await conn.execute(sa.text(f"SELECT version_num FROM {version_table}"))).scalars())
+
+
+async def unsent(db: Database) -> int:
+    return await count(db, outbox_table, outbox_table.c.sent_at.is_(None))
+
+
+class FakeBus:
+    """A bus that records what it is given and fails the publishes it is told to fail."""
+
+    def __init__(self, *, fail_first: int = 0, fail_attempts: frozenset[int] = frozenset()) -> None:
+        self.published: list[Event] = []
+        self.attempts = 0
+        self._fail_first = fail_first
+        self._fail_attempts = fail_attempts
+
+    def subscribe(self, consumer: str, event_type: str, handler: EventHandler) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        pass
+
+    async def publish(self, event: Event) -> None:
+        self.attempts += 1
+        if self.attempts <= self._fail_first or self.attempts in self._fail_attempts:
+            raise ConnectionError("the bus is down")
+        self.published.append(event)
+
+    async def close(self) -> None:
+        pass
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    @property
+    def ids(self) -> list[str]:
+        return [event.id for event in self.published]
+
+
+@contextlib.asynccontextmanager
+async def running(relay: OutboxRelay) -> AsyncIterator[None]:
+    task = asyncio.create_task(relay.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_migrations_are_idempotent_across_reopenings(db_url: str, migrations: Migrations) -> None:
+    """Opening the same file again re-runs no revision and keeps the data; each version table has one row."""
+    for round_ in range(3):
+        database = Database(db_url)
+        await database.open([migrations])
+        try:
+            await add_note(database, f"note {round_}")
+            assert await count(database, notes_table) == round_ + 1
+            assert await versions(database, "notes_alembic_version") == ["notes_0001"]
+            assert await versions(database, "platform_alembic_version") == ["platform_0001"]
+        finally:
+            await database.close()
+
+
+async def test_a_new_revision_is_applied_on_the_next_open_keeping_the_data(
+    db_url: str, migrations: Migrations
+) -> None:
+    """A revision added between runs is applied once on open; earlier rows survive."""
+    database = Database(db_url)
+    await database.open([migrations])
+    await add_note(database, "before the upgrade")
+    await database.close()
+
+    write_revision(migrations.folder, "0002_tags.py", SECOND_REVISION)
+    database = Database(db_url)
+    await database.open([migrations])
+    try:
+        async with database.write() as conn:
+            await conn.execute(sa.text("INSERT INTO tags (name) VALUES ('news')"))
+        async with database.read() as conn:
+            bodies = (await conn.execute(sa.select(notes_table.c.body))).scalars().all()
+        assert await versions(database, "notes_alembic_version") == ["notes_0002"]
+        assert bodies == ["before the upgrade"]
+    finally:
+        await database.close()
+
+
+async def test_a_closed_database_refuses_transactions_and_fails_its_ping(db: Database) -> None:
+    """After close, write() and read() raise and ping() is False; an open one pings True."""
+    assert await db.ping()
+    await db.close()
+    assert not await db.ping()
+    with pytest.raises(RuntimeError, match="not open"):
+        async with db.write():
+            pass
+    with pytest.raises(RuntimeError, match="not open"):
+        async with db.read():
+            pass
+
+
+async def test_a_committed_write_keeps_the_state_change_and_its_event(db: Database) -> None:
+    """The note and its outbox row commit together; the event's envelope is stored whole."""
+    commits: list[int] = []
+    db.on_commit(lambda: commits.append(1))
+    event = await add_note(db, "hello")
+    assert commits == [1]
+    async with db.read() as conn:
+        row = (await conn.execute(sa.select(outbox_table))).one()
+    assert row.event_id == event.id
+    assert row.type == "note.added"
+    assert row.sent_at is None
+    assert row.created_at.tzinfo is not None
+    assert Event.from_json(row.body) == event
+    assert event.source == SOURCE
+    assert event.data == {"note_id": event.data["note_id"], "body": "hello"}
+
+
+async def test_a_write_that_raises_rolls_back_the_state_change_and_its_event(db: Database) -> None:
+    """An exception after writing leaves neither the note nor its event, and fires no commit hook."""
+    commits: list[int] = []
+    db.on_commit(lambda: commits.append(1))
+
+    async def write_then_fail() -> None:
+        async with db.write() as conn:
+            note_id = new_id()
+            await conn.execute(notes_table.insert().values(id=note_id, body="doomed"))
+            await Transaction(conn, SOURCE).emit(NoteAdded(note_id=note_id, body="doomed"))
+            await Transaction(conn, SOURCE).claim_event("indexer", "event-1")
+            raise RuntimeError("failed after writing")
+
+    with pytest.raises(RuntimeError, match="after writing"):
+        await write_then_fail()
+    assert await count(db, notes_table) == 0
+    assert await count(db, outbox_table) == 0
+    assert await count(db, processed_events_table) == 0
+    assert commits == []
+    await add_note(db, "the next write still works")
+    assert await count(db, notes_table) == 1
+    assert commits == [1]
+
+
+async def test_claim_event_admits_each_event_once_per_consumer(db: Database) -> None:
+    """The first claim of (consumer, event) is True, a repeat False, another consumer True."""
+    results = []
+    for consumer, event_id in [("timeline", "e1"), ("timeline", "e1"), ("search", "e1"), ("timeline", "e2")]:
+        async with db.write() as conn:
+            results.append(await Transaction(conn, "timeline").claim_event(consumer, event_id))
+    assert results == [True, False, True, True]
+    async with db.write() as conn:
+        assert not await Transaction(conn, "timeline").claim_event("timeline", "e1")
+
+
+async def test_a_claim_rolled_back_with_its_handler_lets_the_redelivery_through(db: Database) -> None:
+    """A handler that fails after claiming leaves no claim, so the redelivered event is handled."""
+
+    async def handle_then_fail() -> None:
+        async with db.write() as conn:
+            assert await Transaction(conn, "timeline").claim_event("timeline", "e1")
+            raise ValueError("handler failed")
+
+    with pytest.raises(ValueError, match="handler failed"):
+        await handle_then_fail()
+    async with db.write() as conn:
+        assert await Transaction(conn, "timeline").claim_event("timeline", "e1")
+
+
+async def test_drain_publishes_pending_events_in_outbox_order_and_marks_them_sent(db: Database) -> None:
+    """Every unsent event goes to the bus oldest first, once; a second drain has nothing to do."""
+    bus = FakeBus()
+    relay = OutboxRelay(db, bus, name=SOURCE, poll_seconds=30)
+    emitted = [await add_note(db, f"note {index}") for index in range(5)]
+    async with db.write() as conn:
+        transaction = Transaction(conn, SOURCE)
+        emitted += [await transaction.emit(NoteAdded(note_id=new_id(), body=f"batch {i}")) for i in range(3)]
+    assert await relay.drain() == 8
+    assert bus.ids == [event.id for event in emitted]
+    assert bus.published == emitted
+    assert await unsent(db) == 0
+    assert await relay.drain() == 0
+    assert len(bus.published) == 8
+
+
+async def test_drain_reads_in_batches_without_losing_or_reordering(db: Database) -> None:
+    """With a batch smaller than the backlog, every event still goes out once, in order."""
+    bus = FakeBus()
+    relay = OutboxRelay(db, bus, name=SOURCE, poll_seconds=30, batch=3)
+    emitted = [await add_note(db, f"note {index}") for index in range(10)]
+    assert await relay.drain() == 10
+    assert bus.ids == [event.id for event in emitted]
+
+
+async def test_a_failed_publish_leaves_the_event_unsent_for_the_next_drain(db: Database) -> None:
+    """When publishing the second event fails, the first stays sent and the rest are published next time."""
+    bus = FakeBus(fail_attempts=frozenset({2}))
+    relay = OutboxRelay(db, bus, name=SOURCE, poll_seconds=30)
+    emitted = [await add_note(db, f"note {index}") for index in range(3)]
+    with pytest.raises(ConnectionError):
+        await relay.drain()
+    assert bus.ids == [emitted[0].id]
+    assert await unsent(db) == 2
+    assert await relay.drain() == 2
+    assert bus.ids == [event.id for event in emitted]
+    assert await unsent(db) == 0
+
+
+async def test_the_running_relay_retries_a_failing_bus_until_every_event_is_delivered(db: Database) -> None:
+    """A bus failing its first publishes gets every event eventually, in order, none lost or doubled."""
+    bus = FakeBus(fail_first=3)
+    relay = OutboxRelay(db, bus, name=SOURCE, poll_seconds=0.05)
+    emitted = [await add_note(db, f"note {index}") for index in range(4)]
+    async with running(relay):
+
+        async def all_delivered() -> None:
+            assert bus.ids == [event.id for event in emitted]
+            assert await unsent(db) == 0
+
+        await eventually(all_delivered, within=15)
+    assert bus.attempts == 4 + 3
+
+
+async def test_a_commit_wakes_the_relay_without_waiting_for_the_poll(db: Database) -> None:
+    """With a 30 s poll interval, an event committed while the relay idles is delivered within seconds."""
+    bus = InProcessBus()
+    received: list[Event] = []
+
+    async def handler(event: Event) -> None:
+        received.append(event)
+
+    bus.subscribe("indexer", NoteAdded.TYPE, handler)
+    relay = OutboxRelay(db, bus, name=SOURCE, poll_seconds=30)
+    async with running(relay):
+        first = await add_note(db, "first")
+
+        async def delivered(expected: list[Event]) -> None:
+            assert received == expected
+            assert await unsent(db) == 0
+
+        await eventually(lambda: delivered([first]), within=5)
+        second = await add_note(db, "second")
+        await eventually(lambda: delivered([first, second]), within=5)
+        third = await add_note(db, "third")
+        await eventually(lambda: delivered([first, second, third]), within=5)
+
+
+async def test_a_failing_in_process_handler_leaves_the_event_to_be_delivered_again(db: Database) -> None:
+    """An in-process consumer that raises keeps the event unsent; the next drain delivers it again."""
+    bus = InProcessBus()
+    attempts: list[str] = []
+
+    async def handler(event: Event) -> None:
+        attempts.append(event.id)
+        if len(attempts) == 1:
+            raise RuntimeError("consumer failed")
+
+    bus.subscribe("indexer", NoteAdded.TYPE, handler)
+    relay = OutboxRelay(db, bus, name=SOURCE, poll_seconds=30)
+    event = await add_note(db, "retry me")
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        await relay.drain()
+    assert await unsent(db) == 1
+    assert await relay.drain() == 1
+    assert attempts == [event.id, event.id]
+    assert await unsent(db) == 0
+
+
+async def test_prune_forgets_only_events_sent_over_an_hour_ago(db: Database) -> None:
+    """Sent rows older than an hour are deleted; recent sent rows and unsent rows stay."""
+    old, recent, pending = [await add_note(db, name) for name in ("old", "recent", "pending")]
+    async with db.write() as conn:
+        await conn.execute(
+            outbox_table.update()
+            .where(outbox_table.c.event_id == old.id)
+            .values(sent_at=utcnow() - timedelta(hours=2))
+        )
+        await conn.execute(
+            outbox_table.update()
+            .where(outbox_table.c.event_id == recent.id)
+            .values(sent_at=utcnow() - timedelta(minutes=5))
+        )
+    await OutboxRelay(db, FakeBus(), name=SOURCE).prune()
+    async with db.read() as conn:
+        left = (await conn.execute(sa.select(outbox_table.c.event_id).order_by(outbox_table.c.seq))).scalars()
+        assert list(left) == [recent.id, pending.id]
+
+
+async def test_utc_datetime_round_trips_an_aware_utc_time(db: Database) -> None:
+    """An aware UTC time (with microseconds) comes back equal and timezone-aware UTC."""
+    stamp = datetime(2024, 2, 29, 23, 59, 58, 123456, tzinfo=UTC)
+    now = utcnow()
+    async with db.write() as conn:
+        await conn.execute(notes_table.insert().values(id="a", body="leap", created_at=stamp))
+        await conn.execute(notes_table.insert().values(id="b", body="now", created_at=now))
+        await conn.execute(notes_table.insert().values(id="c", body="none", created_at=None))
+    async with db.read() as conn:
+        result = await conn.execute(sa.select(notes_table.c.id, notes_table.c.created_at))
+        rows = {row.id: row.created_at for row in result}
+    assert rows == {"a": stamp, "b": now, "c": None}
+    for value in (rows["a"], rows["b"]):
+        assert value is not None
+        assert value.utcoffset() == timedelta(0)
+
+
+async def test_utc_datetime_reads_a_stored_naive_value_as_utc(db: Database) -> None:
+    """A timestamp the database keeps without a zone is read back as that wall time in UTC."""
+    async with db.write() as conn:
+        await conn.execute(
+            sa.text(
+                "INSERT INTO notes (id, body, created_at) VALUES ('x', 'raw', '2024-05-01 12:00:00.000000')"
+            )
+        )
+    async with db.read() as conn:
+        value = (await conn.execute(sa.select(notes_table.c.created_at))).scalar_one()
+    assert value == datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+async def test_utc_datetime_refuses_a_naive_datetime(db: Database) -> None:
+    """Binding a naive datetime raises, and the transaction writes nothing."""
+    with pytest.raises(sa.exc.StatementError, match="naive datetimes are not stored"):
+        async with db.write() as conn:
+            await conn.execute(
+                notes_table.insert().values(id="n", body="naive", created_at=datetime(2024, 1, 1))
+            )
+    assert await count(db, notes_table) == 0
+
+
+async def test_utc_datetime_keeps_the_instant_of_an_aware_non_utc_time(db: Database) -> None:
+    """An aware time in another zone is stored as the same instant and read back in UTC."""
+    stamp = datetime(2024, 5, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
+    async with db.write() as conn:
+        await conn.execute(notes_table.insert().values(id="tz", body="cest", created_at=stamp))
+    async with db.read() as conn:
+        value = (await conn.execute(sa.select(notes_table.c.created_at))).scalar_one()
+    assert value == stamp
+    assert value == datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
+
+
+async def read_page(db: Database, page: PageRequest) -> tuple[list[str], str | None]:
+    async with db.read() as conn:
+        rows = (await conn.execute(paged(sa.select(notes_table.c.id), notes_table.c.id, page))).all()
+    ids, cursor = page_of(rows, page, lambda row: str(row.id))
+    return [str(row.id) for row in ids], cursor
+
+
+async def insert_ids(db: Database, count_: int) -> list[str]:
+    ids = [new_id() for _ in range(count_)]
+    if not ids:
+        return ids
+    async with db.write() as conn:
+        await conn.execute(notes_table.insert(), [{"id": note_id, "body": "x"} for note_id in ids])
+    return ids
+
+
+@pytest.mark.parametrize(("total", "limit"), [(7, 3), (6, 3), (3, 3), (1, 5), (0, 2), (20, 1)])
+async def test_paging_walks_every_row_newest_first_exactly_once(db: Database, total: int, limit: int) -> None:
+    """Following cursors yields each row once, newest first, in pages of `limit`; the last has no cursor."""
+    ids = await insert_ids(db, total)
+    newest_first = sorted(ids, reverse=True)
+    pages: list[list[str]] = []
+    cursor: str | None = None
+    while True:
+        items, cursor = await read_page(db, PageRequest(limit=limit, cursor=cursor))
+        pages.append(items)
+        if cursor is None:
+            break
+        assert cursor == items[-1]
+        assert len(pages) <= total + 1
+    assert [item for page in pages for item in page] == newest_first
+    assert all(len(page) == limit for page in pages[:-1])
+    assert 0 < len(pages[-1]) <= limit or total == 0
+    assert len(pages) == max(1, -(-total // limit))
+
+
+def test_page_of_splits_the_extra_row_into_a_cursor() -> None:
+    """limit+1 rows give `limit` rows and the last kept row's cursor; `limit` rows or fewer give no cursor."""
+    page = PageRequest(limit=2)
+    assert page_of(["c", "b", "a"], page, str.upper) == (["c", "b"], "B")
+    assert page_of(["c", "b"], page, str.upper) == (["c", "b"], None)
+    assert page_of([], page, str.upper) == ([], None)
+
+
+async def test_concurrent_writes_through_one_database_all_commit(db: Database) -> None:
+    """Thirty write transactions started at once on one Database all commit, none 'database is locked'."""
+
+    async def write(index: int) -> None:
+        async with db.write() as conn:
+            await conn.execute(notes_table.insert().values(id=new_id(), body=f"note {index}"))
+            await asyncio.sleep(0)
+            await Transaction(conn, SOURCE).emit(NoteAdded(note_id=str(index), body="x"))
+
+    await asyncio.gather(*(write(index) for index in range(30)))
+    assert await count(db, notes_table) == 30
+    assert await count(db, outbox_table) == 30
+
+
+async def test_concurrent_writers_from_two_databases_on_one_file_both_succeed(
+    db_url: str, migrations: Migrations
+) -> None:
+    """Two Database objects (as two processes would) writing the same file at once queue, never fail."""
+    first, second = Database(db_url), Database(db_url)
+    await first.open([migrations])
+    await second.open([migrations])
+    try:
+
+        async def write(database: Database, index: int) -> None:
+            async with database.write() as conn:
+                await conn.execute(notes_table.insert().values(id=new_id(), body=f"note {index}"))
+                await asyncio.sleep(0)
+                await conn.execute(
+                    notes_table.update()
+                    .where(notes_table.c.body == f"note {index}")
+                    .values(body=f"done {index}")
+                )
+
+        await asyncio.gather(*(write(first if index % 2 else second, index) for index in range(20)))
+        assert await count(first, notes_table) == 20
+        assert await count(second, notes_table, notes_table.c.body.like("done %")) == 20
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_reads_proceed_while_a_write_transaction_is_open(db: Database) -> None:
+    """A reader sees the last committed state, not the open write's uncommitted rows, and does not block."""
+    await add_note(db, "committed")
+    async with db.write() as conn:
+        await conn.execute(notes_table.insert().values(id=new_id(), body="uncommitted"))
+        assert await asyncio.wait_for(count(db, notes_table), 5) == 1
+    assert await count(db, notes_table) == 2
