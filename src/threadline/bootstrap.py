@@ -31,8 +31,14 @@ from threadline.platform.outbox import OutboxRelay
 from threadline.platform.settings import Settings
 from threadline.platform.tokens import TokenVerifier
 from threadline.platform.web import ReadinessCheck, create_app
+from threadline.services.feed import app as feed_app
+from threadline.services.feed.http import FeedClient
+from threadline.services.payments import app as payments_app
+from threadline.services.payments.http import PaymentsClient
 from threadline.services.posts import app as posts_app
 from threadline.services.posts.http import PostsClient
+from threadline.services.threads import app as threads_app
+from threadline.services.threads.http import ThreadsClient
 from threadline.services.users import app as users_app
 from threadline.services.users.http import UsersClient
 from threadline.services.users.store import SigningKeyUnreadable
@@ -43,17 +49,27 @@ __all__ = ["Process", "build_process", "running", "serve"]
 log = logging.getLogger(__name__)
 
 
+Resolve = Callable[[str], Any]
+"""Gives the adapter (local object or HTTP client) through which a service reaches another."""
+
+
 @dataclass(frozen=True)
 class _ServiceKind:
-    build: Callable[[Settings], Component]
+    build: Callable[[Settings, Resolve], Component]
     client: type[ServiceClient]
 
 
 _KINDS: dict[str, _ServiceKind] = {
-    "users": _ServiceKind(users_app.build, UsersClient),
-    "posts": _ServiceKind(posts_app.build, PostsClient),
+    "users": _ServiceKind(lambda settings, _: users_app.build(settings), UsersClient),
+    "posts": _ServiceKind(
+        lambda settings, api: posts_app.build(settings, payments=api("payments")), PostsClient
+    ),
+    "threads": _ServiceKind(
+        lambda settings, api: threads_app.build(settings, posts=api("posts")), ThreadsClient
+    ),
+    "feed": _ServiceKind(lambda settings, api: feed_app.build(settings, posts=api("posts")), FeedClient),
+    "payments": _ServiceKind(lambda settings, _: payments_app.build(settings), PaymentsClient),
 }
-
 assert set(_KINDS) == set(SERVICES), "every service in topology.SERVICES needs a _ServiceKind"
 
 
@@ -92,15 +108,26 @@ def build_process(group: tuple[str, ...], settings: Settings) -> Process:
     """Assemble the components of `group` with the adapters the topology calls for."""
     topology = parse_topology(settings.topology, SERVICES)
     session = HttpSession()
-    components = {name: _KINDS[name].build(settings) for name in group if name != GATEWAY}
+    components: dict[str, Component] = {}
+    clients: dict[str, ServiceClient] = {}
 
     def api(name: str) -> Any:
-        if name in components:
+        if name in group:
+            if name not in components:
+                components[name] = _KINDS[name].build(settings, api)
             return components[name].service
-        url = settings.service_urls.get(name)
-        if url is None:
-            raise RuntimeError(f"no URL for service {name!r}: set THREADLINE_SERVICE_URLS")
-        return _KINDS[name].client(name, url, session, timeout_seconds=settings.call_timeout_seconds)
+        if name not in clients:
+            url = settings.service_urls.get(name)
+            if url is None:
+                raise RuntimeError(f"no URL for service {name!r}: set THREADLINE_SERVICE_URLS")
+            clients[name] = _KINDS[name].client(
+                name, url, session, timeout_seconds=settings.call_timeout_seconds
+            )
+        return clients[name]
+
+    for name in group:
+        if name != GATEWAY:
+            api(name)
 
     verifier = TokenVerifier(api("users").jwks)
     routers: list[APIRouter] = [component.router for component in components.values()]
@@ -109,6 +136,9 @@ def build_process(group: tuple[str, ...], settings: Settings) -> Process:
             gateway_router(
                 users=api("users"),
                 posts=api("posts"),
+                threads=api("threads"),
+                feed=api("feed"),
+                payments=api("payments"),
                 topology=topology.name,
                 status=_status_probe(components, settings, session),
             )

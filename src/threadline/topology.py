@@ -7,7 +7,7 @@ __all__ = ["GATEWAY", "SERVICES", "Topology", "TopologyError", "parse_topology"]
 GATEWAY = "gateway"
 
 # Every service Threadline has; bootstrap.py maps each name to how it is built and reached.
-SERVICES: tuple[str, ...] = ("users", "posts")
+SERVICES: tuple[str, ...] = ("users", "posts", "threads", "feed", "payments")
 
 
 class TopologyError(ValueError):

@@ -37,9 +37,9 @@ class Adapters:
 
 @pytest.fixture
 async def process(tmp_path: Path) -> AsyncIterator[Process]:
-    """users and posts in one process on fresh SQLite databases, events in-process."""
+    """users, posts and payments in one process on fresh SQLite databases, events in-process."""
     settings = Settings(data_dir=tmp_path, topology="monolith")
-    async with running(build_process(("users", "posts"), settings)) as started:
+    async with running(build_process(("users", "posts", "payments"), settings)) as started:
         yield started
 
 

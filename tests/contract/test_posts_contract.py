@@ -19,7 +19,7 @@ async def test_create_and_read_a_post_and_its_reply(adapters: Adapters) -> None:
     assert root.root_id == root.id
     assert root.reply_to is None
     assert (deeper.reply_to, deeper.root_id) == (reply.id, root.id)
-    fetched = await adapters.posts.get_post(root.id, None)
+    fetched = (await adapters.posts.get_post(root.id, None)).post
     assert (fetched.text, fetched.reply_count, fetched.author.display_name) == ("root", 1, "Ann")
 
 
@@ -46,7 +46,7 @@ async def test_only_the_author_deletes(adapters: Adapters) -> None:
     with pytest.raises(ServiceError) as gone:
         await adapters.posts.get_post(reply.id, None)
     assert gone.value.status == 404
-    assert (await adapters.posts.get_post(root.id, None)).reply_count == 0
+    assert ((await adapters.posts.get_post(root.id, None)).post).reply_count == 0
 
 
 async def test_likes_are_idempotent_and_personal(adapters: Adapters) -> None:
@@ -56,12 +56,12 @@ async def test_likes_are_idempotent_and_personal(adapters: Adapters) -> None:
     post = await adapters.posts.create_post(ann, PostCreate(text="like me"))
     await adapters.posts.like(bob, post.id)
     await adapters.posts.like(bob, post.id)
-    as_bob = await adapters.posts.get_post(post.id, bob)
-    as_ann = await adapters.posts.get_post(post.id, ann)
+    as_bob = (await adapters.posts.get_post(post.id, bob)).post
+    as_ann = (await adapters.posts.get_post(post.id, ann)).post
     assert (as_bob.like_count, as_bob.liked_by_me, as_ann.liked_by_me) == (1, True, False)
     await adapters.posts.unlike(bob, post.id)
     await adapters.posts.unlike(bob, post.id)
-    assert (await adapters.posts.get_post(post.id, bob)).like_count == 0
+    assert ((await adapters.posts.get_post(post.id, bob)).post).like_count == 0
 
 
 async def test_subscriber_posts_are_locked_for_others(adapters: Adapters) -> None:
@@ -70,9 +70,9 @@ async def test_subscriber_posts_are_locked_for_others(adapters: Adapters) -> Non
     _, bob = await adapters.account("bob")
     post = await adapters.posts.create_post(ann, PostCreate(text="secret", audience="subscribers"))
     for viewer in (None, bob):
-        seen = await adapters.posts.get_post(post.id, viewer)
+        seen = (await adapters.posts.get_post(post.id, viewer)).post
         assert (seen.locked, seen.text) == (True, None)
-    assert (await adapters.posts.get_post(post.id, ann)).text == "secret"
+    assert ((await adapters.posts.get_post(post.id, ann)).post).text == "secret"
 
 
 async def test_batch_read_keeps_order_and_drops_missing(adapters: Adapters) -> None:
@@ -80,7 +80,7 @@ async def test_batch_read_keeps_order_and_drops_missing(adapters: Adapters) -> N
     _, ann = await adapters.account("ann")
     first = await adapters.posts.create_post(ann, PostCreate(text="1"))
     second = await adapters.posts.create_post(ann, PostCreate(text="2"))
-    got = await adapters.posts.get_posts([second.id, "missing", first.id], None)
+    got = (await adapters.posts.get_posts([second.id, "missing", first.id], None)).items
     assert [post.id for post in got] == [second.id, first.id]
     with pytest.raises(ServiceError) as caught:
         await adapters.posts.get_posts(["x"] * (MAX_BATCH + 1), None)
@@ -107,6 +107,6 @@ async def test_display_name_change_reaches_old_posts(adapters: Adapters) -> None
     await adapters.users.update_profile(ann, ProfileUpdate(display_name="Ann Renamed"))
 
     async def renamed() -> None:
-        assert (await adapters.posts.get_post(post.id, None)).author.display_name == "Ann Renamed"
+        assert ((await adapters.posts.get_post(post.id, None)).post).author.display_name == "Ann Renamed"
 
     await eventually(renamed)

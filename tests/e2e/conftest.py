@@ -2,6 +2,7 @@
 
 import os
 import socket
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -58,8 +59,20 @@ def system(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     yield from start_system(request.param, tmp_path_factory.mktemp(request.param))
 
 
+def assert_ledger_balanced(data_dir: Path) -> None:
+    """Every ledger transaction in the payments database sums to zero, and so does the whole ledger."""
+    with sqlite3.connect(data_dir / "payments.db") as db:
+        unbalanced = db.execute(
+            "SELECT transaction_id FROM ledger_entries GROUP BY transaction_id HAVING sum(amount_cents) != 0"
+        ).fetchall()
+        (total,) = db.execute("SELECT coalesce(sum(amount_cents), 0) FROM ledger_entries").fetchone()
+    assert unbalanced == []
+    assert total == 0
+
+
 @pytest.fixture
 async def api(system: System) -> AsyncIterator[Api]:
-    """A client of the system's gateway."""
+    """A client of the system's gateway; after each test the ledger must still balance."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         yield Api(system.url, session)
+    assert_ledger_balanced(system.data_dir)

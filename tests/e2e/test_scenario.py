@@ -5,6 +5,7 @@ from pathlib import Path
 from tests.e2e.client import Api
 from tests.e2e.conftest import System
 from tests.support.polling import eventually
+from threadline.topology import SERVICES
 
 
 def _cmdline(pid: int) -> str:
@@ -19,17 +20,14 @@ async def test_each_component_runs_where_the_topology_says(system: System, api: 
         assert len(processes) == 1
     else:
         names = {process.spec.name for process in processes}
-        assert names == {"gateway", "users", "posts"}
+        assert names == {"gateway", *SERVICES}
         assert len({process.pid for process in processes}) == len(processes)
     for process in processes:
         assert f"serve {process.spec.name}" in _cmdline(process.pid)
     status = await api.call("GET", "/api/v1/status")
     assert status.status == 200
     assert status.body["topology"] == system.runner.topology.name
-    assert status.body["services"] == {
-        "users": {"status": "up", "replicas": 1},
-        "posts": {"status": "up", "replicas": 1},
-    }
+    assert status.body["services"] == {name: {"status": "up", "replicas": 1} for name in SERVICES}
 
 
 async def test_health_and_readiness(system: System, api: Api) -> None:

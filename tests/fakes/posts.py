@@ -5,6 +5,7 @@ from datetime import datetime
 
 from tests.fakes.store import FakeState, FakeStore, FakeTransaction
 from threadline.platform.clock import utcnow
+from threadline.platform.errors import ServiceUnavailable
 from threadline.platform.pagination import PageRequest
 from threadline.services.posts.api import SERVICE, Audience, AuthorPublic
 from threadline.services.posts.service import AuthorSnapshot, PostRecord
@@ -161,3 +162,23 @@ class FakePostStore(FakeStore[PostState, FakePostTransaction]):
 
     def __init__(self) -> None:
         super().__init__(PostState(), FakePostTransaction)
+
+
+class FakeEntitlements:
+    """The one PaymentsApi operation posts uses: who subscribes to whom, or down on demand."""
+
+    def __init__(self) -> None:
+        self.subscriptions: set[tuple[str, str]] = set()
+        self.down = False
+        self.calls = 0
+
+    def subscribe(self, subscriber_id: str, creator_id: str) -> None:
+        """Record an active subscription."""
+        self.subscriptions.add((subscriber_id, creator_id))
+
+    async def entitled_creators(self, subscriber_id: str, creator_ids: list[str]) -> list[str]:
+        """Creators among `creator_ids` that `subscriber_id` subscribes to."""
+        self.calls += 1
+        if self.down:
+            raise ServiceUnavailable("payments")
+        return [c for c in creator_ids if (subscriber_id, c) in self.subscriptions]

@@ -1,13 +1,27 @@
 """The public API (API.md) over the services' Protocols, whichever adapter implements them."""
 
 from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel
 
 from threadline.platform.pagination import Page, Paging
 from threadline.platform.web import Caller, Viewer
-from threadline.services.posts.api import PostCreate, PostPublic, PostsApi
+from threadline.services.feed.api import FeedApi, FeedPage
+from threadline.services.payments.api import (
+    Balance,
+    IdempotencyKey,
+    Party,
+    PaymentsApi,
+    PriceSet,
+    SubscriptionCreate,
+    SubscriptionPublic,
+    TipCreate,
+    TipPublic,
+)
+from threadline.services.posts.api import PostCreate, PostPage, PostPublic, PostsApi
+from threadline.services.threads.api import ThreadPublic, ThreadsApi
 from threadline.services.users.api import (
     AccessToken,
     Credentials,
@@ -37,9 +51,25 @@ class StatusAnswer(BaseModel):
 ServiceStatus = Callable[[], Awaitable[dict[str, ServiceState]]]
 
 
-def build_router(*, users: UsersApi, posts: PostsApi, topology: str, status: ServiceStatus) -> APIRouter:
+IdempotencyHeader = Annotated[IdempotencyKey, Header(alias="Idempotency-Key")]
+
+
+def build_router(
+    *,
+    users: UsersApi,
+    posts: PostsApi,
+    threads: ThreadsApi,
+    feed: FeedApi,
+    payments: PaymentsApi,
+    topology: str,
+    status: ServiceStatus,
+) -> APIRouter:
     """The /api/v1 routes."""
     router = APIRouter(prefix="/api/v1")
+
+    async def party(handle: str) -> Party:
+        user = await users.get_by_handle(handle)
+        return Party(id=user.id, handle=user.handle)
 
     @router.post("/users", status_code=201)
     async def register(data: UserCreate) -> UserPublic:
@@ -80,7 +110,7 @@ def build_router(*, users: UsersApi, posts: PostsApi, topology: str, status: Ser
         return await users.following(handle, page)
 
     @router.get("/users/{handle}/posts")
-    async def posts_by_author(viewer: Viewer, handle: str, page: Paging) -> Page[PostPublic]:
+    async def posts_by_author(viewer: Viewer, handle: str, page: Paging) -> PostPage:
         author = await users.get_by_handle(handle)
         return await posts.posts_by_author(author.id, page, viewer)
 
@@ -89,8 +119,9 @@ def build_router(*, users: UsersApi, posts: PostsApi, topology: str, status: Ser
         return await posts.create_post(identity, data)
 
     @router.get("/posts/{post_id}")
-    async def get_post(viewer: Viewer, post_id: str) -> PostPublic:
-        return await posts.get_post(post_id, viewer)
+    async def get_post(viewer: Viewer, post_id: str) -> dict[str, Any]:
+        read = await posts.get_post(post_id, viewer)
+        return {**read.post.model_dump(mode="json"), "degraded": read.degraded}
 
     @router.delete("/posts/{post_id}", status_code=204)
     async def delete_post(identity: Caller, post_id: str) -> Response:
@@ -106,6 +137,40 @@ def build_router(*, users: UsersApi, posts: PostsApi, topology: str, status: Ser
     async def unlike(identity: Caller, post_id: str) -> Response:
         await posts.unlike(identity, post_id)
         return Response(status_code=204)
+
+    @router.get("/threads/{post_id}")
+    async def get_thread(viewer: Viewer, post_id: str) -> ThreadPublic:
+        return await threads.get_thread(post_id, viewer)
+
+    @router.get("/feed")
+    async def home_feed(identity: Caller, page: Paging) -> FeedPage:
+        return await feed.home(identity, page)
+
+    @router.put("/me/subscription-price")
+    async def set_price(identity: Caller, data: PriceSet) -> PriceSet:
+        return await payments.set_price(identity, data)
+
+    @router.post("/subscriptions", status_code=201)
+    async def subscribe(
+        identity: Caller, data: SubscriptionCreate, idempotency_key: IdempotencyHeader
+    ) -> SubscriptionPublic:
+        return await payments.subscribe(identity, await party(data.creator), data, idempotency_key)
+
+    @router.delete("/subscriptions/{subscription_id}")
+    async def cancel(identity: Caller, subscription_id: str) -> SubscriptionPublic:
+        return await payments.cancel(identity, subscription_id)
+
+    @router.get("/me/subscriptions")
+    async def my_subscriptions(identity: Caller, page: Paging) -> Page[SubscriptionPublic]:
+        return await payments.my_subscriptions(identity, page)
+
+    @router.post("/tips", status_code=201)
+    async def tip(identity: Caller, data: TipCreate, idempotency_key: IdempotencyHeader) -> TipPublic:
+        return await payments.tip(identity, await party(data.to), data, idempotency_key)
+
+    @router.get("/me/balance")
+    async def balance(identity: Caller) -> Balance:
+        return await payments.balance(identity)
 
     @router.get("/status")
     async def get_status() -> StatusAnswer:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.fakes.posts import FakePostStore
+from tests.fakes.posts import FakeEntitlements, FakePostStore
 from threadline.platform.errors import InvalidRequest
 from threadline.platform.ids import new_id
 from threadline.platform.pagination import PageRequest
@@ -28,9 +28,14 @@ def store() -> FakePostStore:
 
 
 @pytest.fixture
-def service(store: FakePostStore) -> PostsService:
+def payments() -> FakeEntitlements:
+    return FakeEntitlements()
+
+
+@pytest.fixture
+def service(store: FakePostStore, payments: FakeEntitlements) -> PostsService:
     port: PostStore = store
-    return PostsService(port)
+    return PostsService(port, payments)
 
 
 @pytest.fixture
@@ -81,7 +86,7 @@ async def test_root_post_is_its_own_root(service: PostsService, ada: Identity) -
         False,
         False,
     )
-    assert await service.get_post(created.id, ada) == created
+    assert (await service.get_post(created.id, ada)).post == created
 
 
 async def test_create_emits_post_created(service: PostsService, store: FakePostStore, ada: Identity) -> None:
@@ -91,7 +96,8 @@ async def test_create_emits_post_created(service: PostsService, store: FakePostS
     assert store.events == [
         PostCreated(
             id=created.id,
-            author_id=ada.user_id,
+            author=created.author,
+            text=created.text,
             reply_to=None,
             root_id=created.id,
             audience="subscribers",
@@ -123,8 +129,8 @@ async def test_reply_counts_direct_replies_of_parent(
     await post(service, ada, reply_to=root.id)
     await post(service, ada, reply_to=first.id)
 
-    assert (await service.get_post(root.id, None)).reply_count == 2
-    assert (await service.get_post(first.id, None)).reply_count == 1
+    assert ((await service.get_post(root.id, None)).post).reply_count == 2
+    assert ((await service.get_post(first.id, None)).post).reply_count == 1
 
 
 async def test_reply_to_unknown_post_writes_nothing(
@@ -169,7 +175,7 @@ async def test_delete_hides_post_and_emits_post_deleted(
 
     with pytest.raises(PostNotFound):
         await service.get_post(reply.id, ada)
-    assert (await service.get_post(root.id, None)).reply_count == 0
+    assert ((await service.get_post(root.id, None)).post).reply_count == 0
     assert store.events_of(PostDeleted) == [
         PostDeleted(id=reply.id, author_id=ada.user_id, reply_to=root.id, root_id=root.id)
     ]
@@ -184,7 +190,7 @@ async def test_delete_by_another_user_is_refused(
     with pytest.raises(NotPostAuthor):
         await service.delete_post(bob, created.id)
 
-    assert await service.get_post(created.id, None) == created
+    assert (await service.get_post(created.id, None)).post == created
     assert store.events_of(PostDeleted) == []
 
 
@@ -210,7 +216,7 @@ async def test_deleted_post_leaves_lists(service: PostsService, ada: Identity) -
 
     await service.delete_post(ada, gone.id)
 
-    assert [p.id for p in await service.get_posts([gone.id, kept.id], None)] == [kept.id]
+    assert [p.id for p in (await service.get_posts([gone.id, kept.id], None)).items] == [kept.id]
     assert [p.id for p in (await service.posts_by_author(ada.user_id, PageRequest(), None)).items] == [
         kept.id
     ]
@@ -228,10 +234,10 @@ async def test_like_is_idempotent_and_emitted_once(
     await service.like(bob, created.id)
     await service.like(bob, created.id)
 
-    seen_by_bob = await service.get_post(created.id, bob)
+    seen_by_bob = (await service.get_post(created.id, bob)).post
     assert (seen_by_bob.like_count, seen_by_bob.liked_by_me) == (1, True)
-    assert (await service.get_post(created.id, ada)).liked_by_me is False
-    assert (await service.get_post(created.id, None)).liked_by_me is False
+    assert ((await service.get_post(created.id, ada)).post).liked_by_me is False
+    assert ((await service.get_post(created.id, None)).post).liked_by_me is False
     assert store.events_of(PostLiked) == [
         PostLiked(post_id=created.id, user_id=bob.user_id, author_id=ada.user_id)
     ]
@@ -244,7 +250,7 @@ async def test_likes_of_several_users_add_up(service: PostsService, ada: Identit
     await service.like(ada, created.id)
     await service.like(bob, created.id)
 
-    assert (await service.get_post(created.id, None)).like_count == 2
+    assert ((await service.get_post(created.id, None)).post).like_count == 2
 
 
 async def test_unlike_is_idempotent(
@@ -259,9 +265,9 @@ async def test_unlike_is_idempotent(
     await service.unlike(bob, created.id)
     await service.unlike(identity("carol"), created.id)
 
-    seen_by_bob = await service.get_post(created.id, bob)
+    seen_by_bob = (await service.get_post(created.id, bob)).post
     assert (seen_by_bob.like_count, seen_by_bob.liked_by_me) == (1, False)
-    assert (await service.get_post(created.id, ada)).liked_by_me is True
+    assert ((await service.get_post(created.id, ada)).post).liked_by_me is True
     assert len(store.events_of(PostLiked)) == 2
 
 
@@ -275,7 +281,7 @@ async def test_like_again_after_unlike_emits_again(
     await service.unlike(bob, created.id)
     await service.like(bob, created.id)
 
-    assert (await service.get_post(created.id, bob)).like_count == 1
+    assert ((await service.get_post(created.id, bob)).post).like_count == 1
     assert len(store.events_of(PostLiked)) == 2
 
 
@@ -303,7 +309,7 @@ async def test_subscribers_post_is_locked_for_others(
     created = await post(service, ada, "for my fans", audience="subscribers")
 
     for viewer in (None, bob):
-        seen = await service.get_post(created.id, viewer)
+        seen = (await service.get_post(created.id, viewer)).post
         assert (seen.text, seen.locked, seen.audience) == (None, True, "subscribers")
         (listed,) = (await service.posts_by_author(ada.user_id, PageRequest(), viewer)).items
         assert (listed.text, listed.locked) == (None, True)
@@ -314,7 +320,7 @@ async def test_subscribers_post_is_open_to_its_author(service: PostsService, ada
     created = await post(service, ada, "for my fans", audience="subscribers")
 
     assert (created.text, created.locked) == ("for my fans", False)
-    seen = await service.get_post(created.id, ada)
+    seen = (await service.get_post(created.id, ada)).post
     assert (seen.text, seen.locked) == ("for my fans", False)
 
 
@@ -322,7 +328,7 @@ async def test_public_post_is_open_to_anonymous(service: PostsService, ada: Iden
     """A public post shows its text, unlocked, to an anonymous viewer."""
     created = await post(service, ada, "hello world")
 
-    seen = await service.get_post(created.id, None)
+    seen = (await service.get_post(created.id, None)).post
     assert (seen.text, seen.locked, seen.liked_by_me) == ("hello world", False, False)
 
 
@@ -352,7 +358,7 @@ async def test_newer_profile_renames_author_on_old_posts(service: PostsService, 
     await service.apply_author_profile(new_id(), snapshot(ada, "Countess", version=1, handle="lovelace"))
 
     expected = AuthorPublic(id=ada.user_id, handle="lovelace", display_name="Countess")
-    assert (await service.get_post(old.id, None)).author == expected
+    assert ((await service.get_post(old.id, None)).post).author == expected
     assert (await post(service, ada)).author == expected
 
 
@@ -364,7 +370,7 @@ async def test_older_profile_does_not_replace_newer(service: PostsService, ada: 
     await service.apply_author_profile(new_id(), snapshot(ada, "Version One", version=1))
     await service.apply_author_profile(new_id(), snapshot(ada, "Also Two", version=2))
 
-    assert (await service.get_post(created.id, None)).author.display_name == "Version Two"
+    assert ((await service.get_post(created.id, None)).post).author.display_name == "Version Two"
 
 
 async def test_same_profile_event_is_applied_once(
@@ -377,7 +383,7 @@ async def test_same_profile_event_is_applied_once(
     await service.apply_author_profile(event_id, snapshot(ada, "First Delivery", version=1))
     await service.apply_author_profile(event_id, snapshot(ada, "Second Delivery", version=2))
 
-    assert (await service.get_post(created.id, None)).author.display_name == "First Delivery"
+    assert ((await service.get_post(created.id, None)).post).author.display_name == "First Delivery"
     assert store.state.processed_events == {("posts", event_id)}
 
 
@@ -400,7 +406,7 @@ async def test_get_posts_keeps_requested_order_and_drops_missing(
     a, b, c = [await post(service, ada, text) for text in "abc"]
     await service.like(bob, b.id)
 
-    found = await service.get_posts([c.id, "missing", a.id, b.id, c.id], bob)
+    found = (await service.get_posts([c.id, "missing", a.id, b.id, c.id], bob)).items
 
     assert [p.id for p in found] == [c.id, a.id, b.id]
     assert [p.liked_by_me for p in found] == [False, False, True]
@@ -410,7 +416,7 @@ async def test_get_posts_of_nothing_is_empty(service: PostsService, ada: Identit
     """A batch get of no ids answers an empty list."""
     await post(service, ada)
 
-    assert await service.get_posts([], ada) == []
+    assert (await service.get_posts([], ada)).items == []
 
 
 async def test_get_posts_rejects_more_than_max_batch(service: PostsService, ada: Identity) -> None:
@@ -419,7 +425,7 @@ async def test_get_posts_rejects_more_than_max_batch(service: PostsService, ada:
 
     with pytest.raises(InvalidRequest):
         await service.get_posts([created.id] * (MAX_BATCH + 1), None)
-    assert len(await service.get_posts([created.id] * MAX_BATCH, None)) == 1
+    assert len((await service.get_posts([created.id] * MAX_BATCH, None)).items) == 1
 
 
 async def test_get_unknown_post_raises(service: PostsService) -> None:
@@ -469,3 +475,46 @@ async def test_posts_by_unknown_author_is_empty(service: PostsService) -> None:
     page = await service.posts_by_author("nobody", PageRequest(), None)
 
     assert (page.items, page.next_cursor) == ([], None)
+
+
+async def test_subscribers_post_unlocks_for_an_active_subscriber(
+    service: PostsService, payments: FakeEntitlements, ada: Identity
+) -> None:
+    """A subscriber of the author reads a subscribers-only post; others still see it locked."""
+    bob, cy = identity("bob"), identity("cy")
+    created = await service.create_post(ada, PostCreate(text="members only", audience="subscribers"))
+    payments.subscribe(bob.user_id, ada.user_id)
+    as_bob = await service.get_post(created.id, bob)
+    as_cy = await service.get_post(created.id, cy)
+    assert (as_bob.post.locked, as_bob.post.text, as_bob.degraded) == (False, "members only", [])
+    assert (as_cy.post.locked, as_cy.post.text) == (True, None)
+
+
+async def test_payments_down_locks_and_marks_degraded(
+    service: PostsService, payments: FakeEntitlements, ada: Identity
+) -> None:
+    """When entitlement cannot be checked, subscriber posts are locked (fail closed) and degraded."""
+    bob = identity("bob")
+    locked = await service.create_post(ada, PostCreate(text="members only", audience="subscribers"))
+    public = await service.create_post(ada, PostCreate(text="for all"))
+    payments.subscribe(bob.user_id, ada.user_id)
+    payments.down = True
+    read = await service.get_posts([locked.id, public.id], bob)
+    assert [(p.locked, p.text) for p in read.items] == [(True, None), (False, "for all")]
+    assert read.degraded == ["payments"]
+    page = await service.posts_by_author(ada.user_id, PageRequest(), bob)
+    assert page.degraded == ["payments"]
+    assert (await service.get_post(locked.id, ada)).post.text == "members only"
+
+
+async def test_entitlement_is_not_asked_without_subscriber_posts(
+    service: PostsService, payments: FakeEntitlements, ada: Identity
+) -> None:
+    """Public posts, anonymous viewers and authors reading their own posts need no payments call."""
+    public = await service.create_post(ada, PostCreate(text="for all"))
+    own = await service.create_post(ada, PostCreate(text="mine", audience="subscribers"))
+    payments.down = True
+    assert (await service.get_post(public.id, identity("bob"))).degraded == []
+    assert (await service.get_post(own.id, None)).degraded == []
+    assert (await service.get_post(own.id, ada)).degraded == []
+    assert payments.calls == 0

@@ -1,0 +1,233 @@
+"""The feed application layer: implements FeedApi by fan-out on write over its own store.
+
+Everything feed knows comes from other services' events (post.created, post.deleted,
+user.followed, user.unfollowed) and from the posts API; no other service was changed for it.
+"""
+
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from threadline.platform.errors import FieldError, InvalidRequest, ServiceUnavailable
+from threadline.platform.pagination import MAX_LIMIT, PageRequest
+from threadline.platform.tokens import Identity
+from threadline.services.feed.api import FeedPage
+from threadline.services.posts.api import (
+    MAX_BATCH,
+    Audience,
+    AuthorPublic,
+    PostCreated,
+    PostDeleted,
+    PostPublic,
+    PostsApi,
+)
+from threadline.services.posts.api import SERVICE as POSTS
+from threadline.services.users.api import UserFollowed, UserUnfollowed
+
+__all__ = [
+    "BACKFILL_POSTS",
+    "MAX_PAGE",
+    "FeedService",
+    "FeedStore",
+    "FeedTransaction",
+    "FollowEdge",
+    "PostCopy",
+    "TimelineEntry",
+]
+
+CONSUMER = "feed"
+BACKFILL_POSTS = 20
+# A page is read from posts in one batch call, so it may not outgrow a batch.
+MAX_PAGE = min(MAX_LIMIT, MAX_BATCH)
+
+
+class PostCopy(BaseModel):
+    """Feed's own copy of a post, to serve from while posts is down; `text` is None if unknown."""
+
+    id: str
+    author: AuthorPublic
+    text: str | None
+    reply_to: str | None
+    root_id: str
+    audience: Audience
+    created_at: datetime
+
+
+class FollowEdge(BaseModel):
+    """Whether `follower_id` follows `followee_id`, as of the event whose id is `version`.
+
+    Event ids are time-ordered (UUIDv7), so the newest event about a pair wins, whatever
+    order the events arrive in.
+    """
+
+    follower_id: str
+    followee_id: str
+    following: bool
+    version: str
+
+
+class TimelineEntry(BaseModel):
+    """One post in one home timeline."""
+
+    owner_id: str
+    post_id: str
+    author_id: str
+
+
+class FeedTransaction(Protocol):
+    """Reads and writes of the feed store inside one transaction."""
+
+    async def follow_edge(self, follower_id: str, followee_id: str) -> FollowEdge | None:
+        """The latest known state of one follow, if any event about it arrived."""
+
+    async def save_follow_edge(self, edge: FollowEdge) -> bool:
+        """Store the edge if it is newer than the stored one; False if it was stale."""
+
+    async def followers(self, followee_id: str) -> list[str]:
+        """Who currently follows `followee_id`."""
+
+    async def keep_post(self, post: PostCopy) -> None:
+        """Store a copy; an existing one is replaced only by one that knows the text it lacked."""
+
+    async def posts(self, post_ids: list[str]) -> list[PostCopy]:
+        """The stored copies among `post_ids`, in any order."""
+
+    async def deleted_among(self, post_ids: list[str]) -> set[str]:
+        """Which of `post_ids` are known to be deleted."""
+
+    async def mark_deleted(self, post_id: str) -> None:
+        """Remember the post as deleted, drop its copy and take it out of every timeline."""
+
+    async def add_entries(self, entries: list[TimelineEntry]) -> None:
+        """Put posts into timelines; entries already there stay as they are."""
+
+    async def remove_author(self, owner_id: str, author_id: str) -> None:
+        """Take every post of `author_id` out of `owner_id`'s timeline."""
+
+    async def timeline(self, owner_id: str, page: PageRequest) -> tuple[list[str], str | None]:
+        """A page of post ids of one timeline, newest first, and the next cursor."""
+
+    async def claim_event(self, consumer: str, event_id: str) -> bool:
+        """False if this event was handled before."""
+
+
+class FeedStore(Protocol):
+    """The feed service's persistence port (SQL by default; a Redis store could replace it)."""
+
+    def write(self) -> AbstractAsyncContextManager[FeedTransaction]:
+        """A write transaction."""
+
+    def read(self) -> AbstractAsyncContextManager[FeedTransaction]:
+        """A read-only transaction."""
+
+
+class FeedService:
+    """Home timelines, fanned out on write; read fresh from posts, or from copies when it is down."""
+
+    def __init__(self, store: FeedStore, posts: PostsApi, *, backfill: int = BACKFILL_POSTS) -> None:
+        self._store = store
+        self._posts = posts
+        self._backfill = backfill
+
+    async def home(self, identity: Identity, page: PageRequest) -> FeedPage:
+        """The caller's timeline, newest first, with current counts, likes and locks."""
+        if not 1 <= page.limit <= MAX_PAGE:
+            message = f"must be between 1 and {MAX_PAGE}"
+            raise InvalidRequest(f"limit: {message}", [FieldError("limit", message)])
+        async with self._store.read() as tx:
+            ids, cursor = await tx.timeline(identity.user_id, page)
+        if not ids:
+            return FeedPage(items=[], next_cursor=cursor, degraded=[])
+        try:
+            fresh = await self._posts.get_posts(ids, identity)
+        except ServiceUnavailable:
+            async with self._store.read() as tx:
+                copies = await tx.posts(ids)
+            return FeedPage(
+                items=_in_order(ids, [_from_copy(copy, identity) for copy in copies]),
+                next_cursor=cursor,
+                degraded=[POSTS],
+            )
+        return FeedPage(items=_in_order(ids, fresh.items), next_cursor=cursor, degraded=fresh.degraded)
+
+    async def record_post(self, event_id: str, post: PostCreated) -> None:
+        """Keep a copy of a new post and put it into its author's and followers' timelines."""
+        async with self._store.write() as tx:
+            if not await tx.claim_event(CONSUMER, event_id) or await tx.deleted_among([post.id]):
+                return
+            await tx.keep_post(PostCopy.model_validate(post.model_dump()))
+            owners = [post.author.id, *await tx.followers(post.author.id)]
+            await tx.add_entries(
+                [TimelineEntry(owner_id=owner, post_id=post.id, author_id=post.author.id) for owner in owners]
+            )
+
+    async def forget_post(self, event_id: str, post: PostDeleted) -> None:
+        """Take a deleted post out of every timeline, for good."""
+        async with self._store.write() as tx:
+            if await tx.claim_event(CONSUMER, event_id):
+                await tx.mark_deleted(post.id)
+
+    async def record_follow(self, event_id: str, follow: UserFollowed) -> None:
+        """Note the follow and back-fill the followee's recent posts; raises ServiceUnavailable."""
+        edge = FollowEdge(
+            follower_id=follow.follower_id, followee_id=follow.followee_id, following=True, version=event_id
+        )
+        async with self._store.read() as tx:
+            known = await tx.follow_edge(edge.follower_id, edge.followee_id)
+        recent: list[PostPublic] = []
+        if known is None or known.version < edge.version:
+            # Outside the write transaction: a remote call must not hold the store's writer.
+            page = await self._posts.posts_by_author(
+                edge.followee_id, PageRequest(limit=self._backfill), viewer=None
+            )
+            recent = page.items
+        async with self._store.write() as tx:
+            if not await tx.claim_event(CONSUMER, event_id) or not await tx.save_follow_edge(edge):
+                return
+            deleted = await tx.deleted_among([post.id for post in recent])
+            kept = [post for post in recent if post.id not in deleted]
+            for post in kept:
+                await tx.keep_post(PostCopy.model_validate(post.model_dump()))
+            await tx.add_entries(
+                [
+                    TimelineEntry(owner_id=edge.follower_id, post_id=post.id, author_id=post.author.id)
+                    for post in kept
+                ]
+            )
+
+    async def record_unfollow(self, event_id: str, unfollow: UserUnfollowed) -> None:
+        """Note the unfollow and take the followee's posts out of the follower's timeline."""
+        edge = FollowEdge(
+            follower_id=unfollow.follower_id,
+            followee_id=unfollow.followee_id,
+            following=False,
+            version=event_id,
+        )
+        async with self._store.write() as tx:
+            if await tx.claim_event(CONSUMER, event_id) and await tx.save_follow_edge(edge):
+                await tx.remove_author(edge.follower_id, edge.followee_id)
+
+
+def _in_order(ids: list[str], posts: list[PostPublic]) -> list[PostPublic]:
+    by_id = {post.id: post for post in posts}
+    return [by_id[post_id] for post_id in ids if post_id in by_id]
+
+
+def _from_copy(copy: PostCopy, viewer: Identity) -> PostPublic:
+    """A stored copy as `viewer` sees it when entitlement cannot be checked: fail closed."""
+    locked = copy.text is None or (copy.audience == "subscribers" and copy.author.id != viewer.user_id)
+    return PostPublic(
+        id=copy.id,
+        author=copy.author,
+        text=None if locked else copy.text,
+        reply_to=copy.reply_to,
+        root_id=copy.root_id,
+        audience=copy.audience,
+        created_at=copy.created_at,
+        like_count=0,
+        reply_count=0,
+        liked_by_me=False,
+        locked=locked,
+    )

@@ -1,0 +1,204 @@
+"""The feed service's tables and queries; migrations live beside it in `migrations/`."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from threadline.platform.clock import utcnow
+from threadline.platform.db import (
+    Database,
+    Migrations,
+    Transaction,
+    UtcDateTime,
+    insert_ignoring_conflicts,
+    page_of,
+    paged,
+)
+from threadline.platform.pagination import PageRequest
+from threadline.services.feed.api import SERVICE
+from threadline.services.feed.service import FollowEdge, PostCopy, TimelineEntry
+from threadline.services.posts.api import AuthorPublic
+
+__all__ = ["MIGRATIONS", "SqlFeedStore", "SqlFeedTransaction"]
+
+MIGRATIONS = Migrations(Path(__file__).parent / "migrations")
+
+metadata = sa.MetaData()
+
+follows = sa.Table(
+    "follows",
+    metadata,
+    sa.Column("follower_id", sa.String(36), primary_key=True),
+    sa.Column("followee_id", sa.String(36), primary_key=True),
+    sa.Column("following", sa.Boolean, nullable=False),
+    sa.Column("version", sa.String(36), nullable=False),
+)
+
+post_copies = sa.Table(
+    "post_copies",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("author_id", sa.String(36), nullable=False),
+    sa.Column("author_handle", sa.String(30), nullable=False),
+    sa.Column("author_display_name", sa.String(50), nullable=False),
+    sa.Column("text", sa.String(500), nullable=True),
+    sa.Column("reply_to", sa.String(36), nullable=True),
+    sa.Column("root_id", sa.String(36), nullable=False),
+    sa.Column("audience", sa.String(16), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+)
+
+deleted_posts = sa.Table(
+    "deleted_posts",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("deleted_at", UtcDateTime, nullable=False),
+)
+
+timeline_entries = sa.Table(
+    "timeline_entries",
+    metadata,
+    sa.Column("owner_id", sa.String(36), primary_key=True),
+    sa.Column("post_id", sa.String(36), primary_key=True),
+    sa.Column("author_id", sa.String(36), nullable=False),
+)
+
+
+def _copy_row(post: PostCopy) -> dict[str, Any]:
+    return {
+        **post.model_dump(exclude={"author"}),
+        "author_id": post.author.id,
+        "author_handle": post.author.handle,
+        "author_display_name": post.author.display_name,
+    }
+
+
+def _copy(row: sa.Row[Any]) -> PostCopy:
+    m = row._mapping
+    return PostCopy(
+        id=m["id"],
+        author=AuthorPublic(
+            id=m["author_id"], handle=m["author_handle"], display_name=m["author_display_name"]
+        ),
+        text=m["text"],
+        reply_to=m["reply_to"],
+        root_id=m["root_id"],
+        audience=m["audience"],
+        created_at=m["created_at"],
+    )
+
+
+class SqlFeedTransaction(Transaction):
+    """The feed queries on one connection."""
+
+    async def follow_edge(self, follower_id: str, followee_id: str) -> FollowEdge | None:
+        """The latest known state of one follow."""
+        row = (
+            await self.conn.execute(
+                sa.select(follows).where(
+                    follows.c.follower_id == follower_id, follows.c.followee_id == followee_id
+                )
+            )
+        ).first()
+        return None if row is None else FollowEdge.model_validate(dict(row._mapping))
+
+    async def save_follow_edge(self, edge: FollowEdge) -> bool:
+        """Insert the edge, or replace an older one."""
+        if await insert_ignoring_conflicts(self.conn, follows, edge.model_dump()):
+            return True
+        result = await self.conn.execute(
+            follows.update()
+            .where(
+                follows.c.follower_id == edge.follower_id,
+                follows.c.followee_id == edge.followee_id,
+                follows.c.version < edge.version,
+            )
+            .values(following=edge.following, version=edge.version)
+        )
+        return bool(result.rowcount == 1)
+
+    async def followers(self, followee_id: str) -> list[str]:
+        """Who currently follows `followee_id`."""
+        rows = await self.conn.execute(
+            sa.select(follows.c.follower_id).where(follows.c.followee_id == followee_id, follows.c.following)
+        )
+        return [str(follower_id) for (follower_id,) in rows]
+
+    async def keep_post(self, post: PostCopy) -> None:
+        """Insert the copy, or fill in the text a stored copy lacked."""
+        row = _copy_row(post)
+        if await insert_ignoring_conflicts(self.conn, post_copies, row) or post.text is None:
+            return
+        await self.conn.execute(
+            post_copies.update()
+            .where(post_copies.c.id == post.id, post_copies.c.text.is_(None))
+            .values(**{key: value for key, value in row.items() if key != "id"})
+        )
+
+    async def posts(self, post_ids: list[str]) -> list[PostCopy]:
+        """The stored copies among `post_ids`."""
+        if not post_ids:
+            return []
+        rows = await self.conn.execute(sa.select(post_copies).where(post_copies.c.id.in_(post_ids)))
+        return [_copy(row) for row in rows]
+
+    async def deleted_among(self, post_ids: list[str]) -> set[str]:
+        """Which of `post_ids` are tombstoned."""
+        if not post_ids:
+            return set()
+        rows = await self.conn.execute(sa.select(deleted_posts.c.id).where(deleted_posts.c.id.in_(post_ids)))
+        return {str(post_id) for (post_id,) in rows}
+
+    async def mark_deleted(self, post_id: str) -> None:
+        """Tombstone the post, drop its copy and its timeline entries."""
+        await insert_ignoring_conflicts(self.conn, deleted_posts, {"id": post_id, "deleted_at": utcnow()})
+        await self.conn.execute(post_copies.delete().where(post_copies.c.id == post_id))
+        await self.conn.execute(timeline_entries.delete().where(timeline_entries.c.post_id == post_id))
+
+    async def add_entries(self, entries: list[TimelineEntry]) -> None:
+        """Insert timeline entries, skipping those already there."""
+        if not entries:
+            return
+        if self.conn.dialect.name == "postgresql":
+            stmt: Any = postgresql.insert(timeline_entries).on_conflict_do_nothing()
+        else:
+            stmt = sqlite.insert(timeline_entries).on_conflict_do_nothing()
+        await self.conn.execute(stmt, [entry.model_dump() for entry in entries])
+
+    async def remove_author(self, owner_id: str, author_id: str) -> None:
+        """Take an author's posts out of one timeline."""
+        await self.conn.execute(
+            timeline_entries.delete().where(
+                timeline_entries.c.owner_id == owner_id, timeline_entries.c.author_id == author_id
+            )
+        )
+
+    async def timeline(self, owner_id: str, page: PageRequest) -> tuple[list[str], str | None]:
+        """A page of one timeline's post ids, newest first."""
+        stmt = sa.select(timeline_entries.c.post_id).where(timeline_entries.c.owner_id == owner_id)
+        rows = (await self.conn.execute(paged(stmt, timeline_entries.c.post_id, page))).all()
+        kept, cursor = page_of(rows, page, lambda row: str(row.post_id))
+        return [str(row.post_id) for row in kept], cursor
+
+
+class SqlFeedStore:
+    """The feed store on its own database."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[SqlFeedTransaction]:
+        """A write transaction."""
+        async with self._db.write() as conn:
+            yield SqlFeedTransaction(conn, SERVICE)
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[SqlFeedTransaction]:
+        """A read-only transaction."""
+        async with self._db.read() as conn:
+            yield SqlFeedTransaction(conn, SERVICE)

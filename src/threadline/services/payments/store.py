@@ -1,0 +1,363 @@
+"""The payments service's tables and queries; migrations live beside it in `migrations/`."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from threadline.platform.db import (
+    Database,
+    Migrations,
+    Transaction,
+    UtcDateTime,
+    insert_ignoring_conflicts,
+    page_of,
+    paged,
+)
+from threadline.platform.pagination import PageRequest
+from threadline.services.payments.api import SERVICE
+from threadline.services.payments.processor import Charge
+from threadline.services.payments.service import (
+    IdempotencyRecord,
+    LedgerTransaction,
+    Outcome,
+    SubscriptionRecord,
+    TipRecord,
+)
+
+__all__ = ["MIGRATIONS", "SqlChargeStore", "SqlPaymentStore"]
+
+MIGRATIONS = Migrations(Path(__file__).parent / "migrations")
+
+metadata = sa.MetaData()
+
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    sa.Column("user_id", sa.String(36), primary_key=True),
+    sa.Column("handle", sa.String(64), nullable=False),
+)
+
+prices = sa.Table(
+    "prices",
+    metadata,
+    sa.Column("user_id", sa.String(36), primary_key=True),
+    sa.Column("price_cents", sa.Integer, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+)
+
+subscriptions = sa.Table(
+    "subscriptions",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("subscriber_id", sa.String(36), nullable=False),
+    sa.Column("subscriber_handle", sa.String(64), nullable=False),
+    sa.Column("creator_id", sa.String(36), nullable=False),
+    sa.Column("creator_handle", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("price_cents", sa.Integer, nullable=False),
+    sa.Column("current_period_end", UtcDateTime, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("canceled_at", UtcDateTime, nullable=True),
+)
+
+tips = sa.Table(
+    "tips",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("from_id", sa.String(36), nullable=False),
+    sa.Column("from_handle", sa.String(64), nullable=False),
+    sa.Column("to_id", sa.String(36), nullable=False),
+    sa.Column("to_handle", sa.String(64), nullable=False),
+    sa.Column("amount_cents", sa.Integer, nullable=False),
+    sa.Column("charge_id", sa.String(36), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+)
+
+ledger_transactions = sa.Table(
+    "ledger_transactions",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("reference_id", sa.String(36), nullable=False),
+    sa.Column("charge_id", sa.String(36), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+)
+
+ledger_entries = sa.Table(
+    "ledger_entries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("transaction_id", sa.String(36), sa.ForeignKey("ledger_transactions.id"), nullable=False),
+    sa.Column("account", sa.String(64), nullable=False),
+    sa.Column("amount_cents", sa.Integer, nullable=False),
+)
+
+idempotency_records = sa.Table(
+    "idempotency_records",
+    metadata,
+    sa.Column("caller_id", sa.String(36), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("operation", sa.String(32), nullable=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("subject", sa.String(100), nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("claim_token", sa.String(36), nullable=False),
+    sa.Column("claimed_at", UtcDateTime, nullable=False),
+    sa.Column("amount_cents", sa.Integer, nullable=False),
+    sa.Column("outcome", sa.JSON, nullable=True),
+)
+
+sandbox_charges = sa.Table(
+    "sandbox_charges",
+    metadata,
+    sa.Column("idempotency_key", sa.String(300), primary_key=True),
+    sa.Column("id", sa.String(36), nullable=False, unique=True),
+    sa.Column("payment_method", sa.String(64), nullable=False),
+    sa.Column("amount_cents", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+)
+
+
+def _subscription(row: sa.Row[Any]) -> SubscriptionRecord:
+    return SubscriptionRecord.model_validate(dict(row._mapping))
+
+
+def _idempotency_record(row: sa.Row[Any]) -> IdempotencyRecord:
+    values = dict(row._mapping)
+    outcome = values.pop("outcome")
+    return IdempotencyRecord(**values, outcome=None if outcome is None else Outcome.model_validate(outcome))
+
+
+class SqlPaymentTransaction(Transaction):
+    """The payments queries on one connection."""
+
+    async def open_account(self, user_id: str, handle: str) -> bool:
+        """Open a user's ledger account; False if it was open."""
+        return await insert_ignoring_conflicts(self.conn, accounts, {"user_id": user_id, "handle": handle})
+
+    async def lock_account(self, user_id: str, handle: str) -> None:
+        """Open the account if needed and lock its row (a no-op lock on SQLite, whose writes queue)."""
+        await self.open_account(user_id, handle)
+        await self.conn.execute(
+            sa.select(accounts.c.user_id).where(accounts.c.user_id == user_id).with_for_update()
+        )
+
+    async def price(self, user_id: str) -> int:
+        """A creator's price; 0 when none was set."""
+        price = await self.conn.scalar(sa.select(prices.c.price_cents).where(prices.c.user_id == user_id))
+        return int(price or 0)
+
+    async def set_price(self, user_id: str, price_cents: int, at: datetime) -> None:
+        """Insert or replace a creator's price."""
+        values = {"user_id": user_id, "price_cents": price_cents, "updated_at": at}
+        if not await insert_ignoring_conflicts(self.conn, prices, values):
+            await self.conn.execute(
+                prices.update()
+                .where(prices.c.user_id == user_id)
+                .values(price_cents=price_cents, updated_at=at)
+            )
+
+    async def subscription(self, subscription_id: str) -> SubscriptionRecord | None:
+        """One subscription, in any state."""
+        row = (
+            await self.conn.execute(sa.select(subscriptions).where(subscriptions.c.id == subscription_id))
+        ).first()
+        return None if row is None else _subscription(row)
+
+    async def active_subscription(self, subscriber_id: str, creator_id: str) -> SubscriptionRecord | None:
+        """The active subscription of a subscriber to a creator."""
+        row = (
+            await self.conn.execute(
+                sa.select(subscriptions).where(
+                    subscriptions.c.subscriber_id == subscriber_id,
+                    subscriptions.c.creator_id == creator_id,
+                    subscriptions.c.status == "active",
+                )
+            )
+        ).first()
+        return None if row is None else _subscription(row)
+
+    async def insert_subscription(self, subscription: SubscriptionRecord) -> None:
+        """Store a new subscription; a second active one for the same pair violates a unique index."""
+        await self.conn.execute(subscriptions.insert().values(**subscription.model_dump()))
+
+    async def update_subscription(self, subscription: SubscriptionRecord) -> None:
+        """Store a subscription's status, period end and cancel time."""
+        await self.conn.execute(
+            subscriptions.update()
+            .where(subscriptions.c.id == subscription.id)
+            .values(
+                status=subscription.status,
+                current_period_end=subscription.current_period_end,
+                canceled_at=subscription.canceled_at,
+            )
+        )
+
+    async def subscriptions_of(
+        self, subscriber_id: str, page: PageRequest
+    ) -> tuple[list[SubscriptionRecord], str | None]:
+        """A page of a subscriber's subscriptions, newest first."""
+        stmt = sa.select(subscriptions).where(subscriptions.c.subscriber_id == subscriber_id)
+        rows = (await self.conn.execute(paged(stmt, subscriptions.c.id, page))).all()
+        kept, cursor = page_of(rows, page, lambda row: str(row.id))
+        return [_subscription(row) for row in kept], cursor
+
+    async def entitled_creators(self, subscriber_id: str, creator_ids: list[str]) -> set[str]:
+        """One lookup on the (subscriber_id, creator_id, status) index."""
+        rows = await self.conn.execute(
+            sa.select(subscriptions.c.creator_id).where(
+                subscriptions.c.subscriber_id == subscriber_id,
+                subscriptions.c.creator_id.in_(creator_ids),
+                subscriptions.c.status == "active",
+            )
+        )
+        return {str(creator_id) for (creator_id,) in rows}
+
+    async def insert_tip(self, tip: TipRecord) -> None:
+        """Store a tip."""
+        await self.conn.execute(tips.insert().values(**tip.model_dump()))
+
+    async def record_ledger(self, transaction: LedgerTransaction) -> None:
+        """Store a ledger transaction and its entries."""
+        await self.conn.execute(
+            ledger_transactions.insert().values(**transaction.model_dump(exclude={"entries"}))
+        )
+        await self.conn.execute(
+            ledger_entries.insert(),
+            [
+                {"transaction_id": transaction.id, "account": e.account, "amount_cents": e.amount_cents}
+                for e in transaction.entries
+            ],
+        )
+
+    async def account_totals(self, account: str) -> tuple[int, int]:
+        """Earned and spent cents of an account, from the (account, amount_cents) index alone."""
+        amount = ledger_entries.c.amount_cents
+        row = (
+            await self.conn.execute(
+                sa.select(
+                    sa.func.coalesce(sa.func.sum(sa.case((amount > 0, amount), else_=0)), 0),
+                    sa.func.coalesce(sa.func.sum(sa.case((amount < 0, -amount), else_=0)), 0),
+                ).where(ledger_entries.c.account == account)
+            )
+        ).one()
+        return int(row[0]), int(row[1])
+
+    async def idempotency_record(self, caller_id: str, key: str) -> IdempotencyRecord | None:
+        """A caller's record of a key."""
+        row = (
+            await self.conn.execute(
+                sa.select(idempotency_records).where(
+                    idempotency_records.c.caller_id == caller_id, idempotency_records.c.key == key
+                )
+            )
+        ).first()
+        return None if row is None else _idempotency_record(row)
+
+    async def insert_idempotency_record(self, record: IdempotencyRecord) -> bool:
+        """Store a new record unless the caller has one for the key."""
+        values = record.model_dump(exclude={"outcome"})
+        values["outcome"] = None if record.outcome is None else record.outcome.model_dump(mode="json")
+        return await insert_ignoring_conflicts(self.conn, idempotency_records, values)
+
+    async def subject_in_flight(self, caller_id: str, subject: str, claimed_since: datetime) -> bool:
+        """Whether a fresh pending claim of the caller is about `subject`."""
+        found = await self.conn.scalar(
+            sa.select(sa.literal(1)).where(
+                idempotency_records.c.caller_id == caller_id,
+                idempotency_records.c.subject == subject,
+                idempotency_records.c.state == "pending",
+                idempotency_records.c.claimed_at >= claimed_since,
+            )
+        )
+        return found is not None
+
+    async def take_over_claim(
+        self, caller_id: str, key: str, stale_token: str, token: str, at: datetime
+    ) -> bool:
+        """Move a pending claim to a new token."""
+        result = await self.conn.execute(
+            self._pending(caller_id, key, stale_token).values(claim_token=token, claimed_at=at)
+        )
+        return bool(result.rowcount == 1)
+
+    async def complete_claim(self, caller_id: str, key: str, token: str, outcome: Outcome) -> bool:
+        """Record the outcome of a pending claim."""
+        result = await self.conn.execute(
+            self._pending(caller_id, key, token).values(state="done", outcome=outcome.model_dump(mode="json"))
+        )
+        return bool(result.rowcount == 1)
+
+    async def release_claim(self, caller_id: str, key: str, token: str) -> None:
+        """Delete a pending claim."""
+        await self.conn.execute(
+            idempotency_records.delete().where(*self._pending_where(caller_id, key, token))
+        )
+
+    def _pending(self, caller_id: str, key: str, token: str) -> sa.Update:
+        return idempotency_records.update().where(*self._pending_where(caller_id, key, token))
+
+    @staticmethod
+    def _pending_where(caller_id: str, key: str, token: str) -> list[sa.ColumnElement[bool]]:
+        return [
+            idempotency_records.c.caller_id == caller_id,
+            idempotency_records.c.key == key,
+            idempotency_records.c.state == "pending",
+            idempotency_records.c.claim_token == token,
+        ]
+
+
+class SqlPaymentStore:
+    """The payments store on its own database."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[SqlPaymentTransaction]:
+        """A write transaction."""
+        async with self._db.write() as conn:
+            yield SqlPaymentTransaction(conn, SERVICE)
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[SqlPaymentTransaction]:
+        """A read-only transaction."""
+        async with self._db.read() as conn:
+            yield SqlPaymentTransaction(conn, SERVICE)
+
+
+class SqlChargeStore:
+    """The sandbox processor's charges, in their own table of the payments database."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def find(self, idempotency_key: str) -> Charge | None:
+        """The charge made with this key."""
+        async with self._db.read() as conn:
+            return await self._find(conn, idempotency_key)
+
+    async def save(self, charge: Charge) -> Charge:
+        """Keep the first charge made with a key; answer the one kept."""
+        async with self._db.write() as conn:
+            if await insert_ignoring_conflicts(conn, sandbox_charges, charge.model_dump()):
+                return charge
+            kept = await self._find(conn, charge.idempotency_key)
+        if kept is None:
+            raise RuntimeError(f"charge {charge.idempotency_key!r} clashed with a row that is gone")
+        return kept
+
+    @staticmethod
+    async def _find(conn: AsyncConnection, idempotency_key: str) -> Charge | None:
+        row = (
+            await conn.execute(
+                sa.select(sandbox_charges).where(sandbox_charges.c.idempotency_key == idempotency_key)
+            )
+        ).first()
+        return None if row is None else Charge.model_validate(dict(row._mapping))

@@ -1,0 +1,154 @@
+"""FakeFeedStore and SqlFeedStore (on SQLite) keep the same semantics, one test body for both."""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.feed import FakeFeedStore
+from threadline.platform.clock import utcnow
+from threadline.platform.db import Database
+from threadline.platform.ids import new_id
+from threadline.platform.pagination import PageRequest
+from threadline.services.feed.service import FeedStore, FollowEdge, PostCopy, TimelineEntry
+from threadline.services.feed.store import MIGRATIONS, SqlFeedStore
+from threadline.services.posts.api import Audience, AuthorPublic
+
+
+@pytest.fixture(params=["fake", "sql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[FeedStore]:
+    """The in-memory fake, or the SQL store on a fresh SQLite file."""
+    if request.param == "fake":
+        yield FakeFeedStore()
+        return
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'feed.db'}")
+    await database.open([MIGRATIONS])
+    try:
+        yield SqlFeedStore(database)
+    finally:
+        await database.close()
+
+
+def copy_of(post_id: str, text: str | None, audience: Audience = "public", author: str = "ada") -> PostCopy:
+    """A copy of a root post by `author`."""
+    return PostCopy(
+        id=post_id,
+        author=AuthorPublic(id=author, handle=author, display_name=author.title()),
+        text=text,
+        reply_to=None,
+        root_id=post_id,
+        audience=audience,
+        created_at=utcnow(),
+    )
+
+
+def edge(following: bool, version: str, follower: str = "bob", followee: str = "ada") -> FollowEdge:
+    """The state of one follow as of event `version`."""
+    return FollowEdge(follower_id=follower, followee_id=followee, following=following, version=version)
+
+
+async def test_follow_edges_keep_the_newest_version(store: FeedStore) -> None:
+    """An edge replaces a stored one only if its version is newer; followers are those following now."""
+    older, newer = new_id(), new_id()
+    async with store.write() as tx:
+        assert await tx.save_follow_edge(edge(False, newer))
+        assert not await tx.save_follow_edge(edge(True, older))
+        assert not await tx.save_follow_edge(edge(True, newer))
+        assert await tx.save_follow_edge(edge(True, new_id(), follower="cy"))
+    async with store.read() as tx:
+        assert await tx.follow_edge("bob", "ada") == edge(False, newer)
+        assert await tx.follow_edge("ada", "bob") is None
+        assert await tx.followers("ada") == ["cy"]
+    async with store.write() as tx:
+        assert await tx.save_follow_edge(edge(True, new_id()))
+    async with store.read() as tx:
+        assert sorted(await tx.followers("ada")) == ["bob", "cy"]
+
+
+async def test_copies_only_gain_their_text(store: FeedStore) -> None:
+    """A stored copy is replaced only by one that knows the text it lacked, never the other way."""
+    async with store.write() as tx:
+        await tx.keep_post(copy_of("p1", None, "subscribers"))
+        await tx.keep_post(copy_of("p2", "known", "subscribers"))
+    async with store.write() as tx:
+        await tx.keep_post(copy_of("p1", "filled in", "subscribers"))
+        await tx.keep_post(copy_of("p2", None, "subscribers"))
+        await tx.keep_post(copy_of("p1", "another", "subscribers"))
+    async with store.read() as tx:
+        texts = {copy.id: copy.text for copy in await tx.posts(["p1", "p2", "missing"])}
+    assert texts == {"p1": "filled in", "p2": "known"}
+
+
+async def test_timeline_pages_newest_first_without_duplicates(store: FeedStore) -> None:
+    """Entries added twice appear once; pages run newest first by post id with a cursor."""
+    ids = [new_id() for _ in range(5)]
+    async with store.write() as tx:
+        await tx.add_entries([TimelineEntry(owner_id="bob", post_id=i, author_id="ada") for i in ids])
+        await tx.add_entries([TimelineEntry(owner_id="bob", post_id=ids[0], author_id="ada")])
+        await tx.add_entries([TimelineEntry(owner_id="cy", post_id=ids[0], author_id="ada")])
+        await tx.add_entries([])
+    async with store.read() as tx:
+        first, cursor = await tx.timeline("bob", PageRequest(limit=3))
+        rest, end = await tx.timeline("bob", PageRequest(limit=3, cursor=cursor))
+        exact, none = await tx.timeline("bob", PageRequest(limit=5))
+    assert first + rest == exact == list(reversed(ids))
+    assert (cursor, end, none) == (ids[2], None, None)
+
+
+async def test_removing_an_author_touches_one_timeline(store: FeedStore) -> None:
+    """remove_author drops that author's entries from that owner's timeline only."""
+    by_ada, by_cy = new_id(), new_id()
+    async with store.write() as tx:
+        await tx.add_entries(
+            [
+                TimelineEntry(owner_id="bob", post_id=by_ada, author_id="ada"),
+                TimelineEntry(owner_id="bob", post_id=by_cy, author_id="cy"),
+                TimelineEntry(owner_id="dan", post_id=by_ada, author_id="ada"),
+            ]
+        )
+        await tx.remove_author("bob", "ada")
+    async with store.read() as tx:
+        assert (await tx.timeline("bob", PageRequest()))[0] == [by_cy]
+        assert (await tx.timeline("dan", PageRequest()))[0] == [by_ada]
+
+
+async def test_deleting_tombstones_and_clears_everywhere(store: FeedStore) -> None:
+    """mark_deleted remembers the post, drops its copy and every timeline entry of it, idempotently."""
+    gone, kept = new_id(), new_id()
+    async with store.write() as tx:
+        await tx.keep_post(copy_of(gone, "gone"))
+        await tx.keep_post(copy_of(kept, "kept"))
+        await tx.add_entries(
+            [
+                TimelineEntry(owner_id=owner, post_id=p, author_id="ada")
+                for owner in ("ada", "bob")
+                for p in (gone, kept)
+            ]
+        )
+        await tx.mark_deleted(gone)
+        await tx.mark_deleted(gone)
+        await tx.mark_deleted("never-seen")
+    async with store.read() as tx:
+        assert await tx.deleted_among([gone, kept, "never-seen"]) == {gone, "never-seen"}
+        assert await tx.deleted_among([]) == set()
+        assert [copy.id for copy in await tx.posts([gone, kept])] == [kept]
+        assert (await tx.timeline("ada", PageRequest()))[0] == [kept]
+        assert (await tx.timeline("bob", PageRequest()))[0] == [kept]
+
+
+async def test_claiming_an_event_twice_fails(store: FeedStore) -> None:
+    """The consumer guard accepts an event id once, and a rolled-back claim does not count."""
+    event_id = new_id()
+
+    async def claim_then_fail() -> None:
+        async with store.write() as tx:
+            assert await tx.claim_event("feed", event_id)
+            raise RuntimeError("roll back")
+
+    with pytest.raises(RuntimeError):
+        await claim_then_fail()
+    async with store.write() as tx:
+        assert await tx.claim_event("feed", event_id)
+        assert not await tx.claim_event("feed", event_id)
+    async with store.write() as tx:
+        assert not await tx.claim_event("feed", event_id)
