@@ -1,18 +1,15 @@
 """FeedApi behaves the same through the local and the HTTP adapter; events are fed to its handlers."""
 
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from jwt.algorithms import OKPAlgorithm
 
 from tests.fakes.feed import FakePosts
 from tests.support.servers import serving
+from tests.support.tokens import Signer
 from threadline.platform.component import Component
 from threadline.platform.errors import ServiceError
 from threadline.platform.events import Event, EventPayload
@@ -20,40 +17,13 @@ from threadline.platform.http_client import HttpSession
 from threadline.platform.ids import new_id
 from threadline.platform.pagination import PageRequest
 from threadline.platform.settings import Settings
-from threadline.platform.tokens import TOKEN_ALGORITHM, TOKEN_AUDIENCE, TOKEN_ISSUER, Identity, TokenVerifier
+from threadline.platform.tokens import Identity, TokenVerifier
 from threadline.platform.web import create_app
 from threadline.services.feed import app
 from threadline.services.feed.api import FeedApi
 from threadline.services.feed.http import FeedClient
 from threadline.services.posts.api import PostCreated, PostDeleted
 from threadline.services.users.api import UserFollowed, UserUnfollowed
-
-
-@dataclass
-class Signer:
-    """Signs access tokens the way the users service does, with an Ed25519 key it publishes as JWKS."""
-
-    kid: str = field(default_factory=new_id)
-    key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
-
-    async def jwks(self) -> dict[str, Any]:
-        """The public key as a JWKS document."""
-        jwk: dict[str, Any] = OKPAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
-        return {"keys": [{**jwk, "kid": self.kid, "alg": TOKEN_ALGORITHM, "use": "sig"}]}
-
-    def token(self, user_id: str, handle: str) -> str:
-        """A fresh access token for one account."""
-        issued = int(time.time())
-        claims = {
-            "iss": TOKEN_ISSUER,
-            "aud": TOKEN_AUDIENCE,
-            "sub": user_id,
-            "handle": handle,
-            "name": handle.title(),
-            "iat": issued,
-            "exp": issued + 900,
-        }
-        return jwt.encode(claims, self.key, algorithm=TOKEN_ALGORITHM, headers={"kid": self.kid})
 
 
 @dataclass

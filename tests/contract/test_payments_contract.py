@@ -1,7 +1,6 @@
 """PaymentsApi behaves the same through the local and the HTTP adapter, on a real SQLite database."""
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -9,21 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import jwt
 import pytest
 import sqlalchemy as sa
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from jwt.algorithms import OKPAlgorithm
 
 from tests.support.polling import eventually
 from tests.support.servers import serving
+from tests.support.tokens import Signer
 from threadline.platform.component import Component
 from threadline.platform.errors import ServiceError
 from threadline.platform.http_client import HttpSession
 from threadline.platform.ids import new_id
 from threadline.platform.pagination import PageRequest
 from threadline.platform.settings import Settings
-from threadline.platform.tokens import TOKEN_ALGORITHM, TOKEN_AUDIENCE, TOKEN_ISSUER, Identity, TokenVerifier
+from threadline.platform.tokens import Identity, TokenVerifier
 from threadline.platform.web import create_app
 from threadline.services.payments import app
 from threadline.services.payments.api import (
@@ -41,33 +38,6 @@ from threadline.services.payments.processor import CARD_DECLINED, CARD_OK, CARD_
 from threadline.services.payments.store import idempotency_records, ledger_entries, sandbox_charges
 
 PRICE = 900
-
-
-class Signer:
-    """Signs access tokens the way the users service does, with an Ed25519 key of its own."""
-
-    def __init__(self) -> None:
-        self.kid = new_id()
-        self.key = Ed25519PrivateKey.generate()
-
-    async def jwks(self) -> dict[str, Any]:
-        """The public key as a JWKS, as the users service publishes it."""
-        jwk = OKPAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
-        return {"keys": [{**jwk, "kid": self.kid, "alg": TOKEN_ALGORITHM, "use": "sig"}]}
-
-    def token(self, user_id: str, handle: str) -> str:
-        """A fresh access token for an account."""
-        issued = int(time.time())
-        claims = {
-            "iss": TOKEN_ISSUER,
-            "aud": TOKEN_AUDIENCE,
-            "sub": user_id,
-            "handle": handle,
-            "name": handle.title(),
-            "iat": issued,
-            "exp": issued + 900,
-        }
-        return jwt.encode(claims, self.key, algorithm=TOKEN_ALGORITHM, headers={"kid": self.kid})
 
 
 @dataclass(frozen=True)

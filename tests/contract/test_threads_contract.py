@@ -1,58 +1,25 @@
 """ThreadsApi behaves the same through the local and the HTTP adapter, over its real SQLite store."""
 
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from jwt.algorithms import OKPAlgorithm
 
 from tests.fakes.threads import FakePosts
 from tests.support.servers import serving
+from tests.support.tokens import Signer
 from threadline.platform.component import Component
 from threadline.platform.errors import ServiceError
 from threadline.platform.events import Event
 from threadline.platform.http_client import HttpSession
 from threadline.platform.settings import Settings
-from threadline.platform.tokens import TOKEN_ALGORITHM, TOKEN_AUDIENCE, TOKEN_ISSUER, Identity, TokenVerifier
+from threadline.platform.tokens import TokenVerifier
 from threadline.platform.web import create_app
 from threadline.services.posts.api import MAX_BATCH, PostPublic
 from threadline.services.threads import app
 from threadline.services.threads.api import ThreadPublic, ThreadsApi
 from threadline.services.threads.http import ThreadsClient
-
-KID = "threads-contract-key"
-
-
-class Keys:
-    """A token signer standing in for the users service, and the JWKS that verifies its tokens."""
-
-    def __init__(self) -> None:
-        self._private = Ed25519PrivateKey.generate()
-
-    async def jwks(self) -> dict[str, Any]:
-        """The public key as a JWKS document."""
-        jwk: dict[str, Any] = OKPAlgorithm.to_jwk(self._private.public_key(), as_dict=True)
-        return {"keys": [{**jwk, "kid": KID, "alg": TOKEN_ALGORITHM, "use": "sig"}]}
-
-    async def identity(self, user_id: str, handle: str) -> Identity:
-        """A signed token for `handle`, verified as a service would verify it."""
-        now = int(time.time())
-        claims = {
-            "iss": TOKEN_ISSUER,
-            "aud": TOKEN_AUDIENCE,
-            "sub": user_id,
-            "handle": handle,
-            "name": handle.title(),
-            "iat": now,
-            "exp": now + 300,
-        }
-        token = jwt.encode(claims, self._private, algorithm=TOKEN_ALGORITHM, headers={"kid": KID})
-        return await TokenVerifier(self.jwks).verify(token)
 
 
 @dataclass
@@ -63,7 +30,7 @@ class Threads:
     api: ThreadsApi
     posts: FakePosts
     component: Component
-    keys: Keys
+    keys: Signer
 
     async def deliver(self, *events: Event) -> None:
         """Hand events to the service's handlers, as the bus would, in the order given."""
@@ -97,7 +64,7 @@ async def threads(
     request: pytest.FixtureRequest, component: Component, posts: FakePosts
 ) -> AsyncIterator[Threads]:
     """The local adapter (the application object), or the HTTP client against a real socket."""
-    keys = Keys()
+    keys = Signer()
     if request.param == "local":
         yield Threads("local", component.service, posts, component, keys)
         return

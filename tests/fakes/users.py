@@ -10,8 +10,9 @@ from tests.fakes.store import FakeState, FakeStore, FakeTransaction
 from threadline.platform.clock import utcnow
 from threadline.platform.ids import new_id
 from threadline.platform.pagination import Page, PageRequest
+from threadline.platform.tokens import SigningKey
 from threadline.services.users.api import SERVICE, UserPublic
-from threadline.services.users.service import SigningKey, UserRecord
+from threadline.services.users.service import UserRecord
 
 __all__ = ["FakeUserStore", "FakeUserTransaction", "Follow", "UserState"]
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 from alembic.config import Config
@@ -27,6 +27,7 @@ __all__ = [
     "PLATFORM_MIGRATIONS",
     "Database",
     "Migrations",
+    "SqlStore",
     "Transaction",
     "UtcDateTime",
     "insert_ignoring_conflicts",
@@ -219,6 +220,30 @@ class Transaction:
             processed_events_table,
             {"consumer": consumer, "event_id": event_id, "processed_at": utcnow()},
         )
+
+
+TransactionT = TypeVar("TransactionT", bound=Transaction)
+
+
+class SqlStore(Generic[TransactionT]):
+    """A service's store: write and read transactions, of the service's own kind, on its database."""
+
+    def __init__(self, db: Database, transaction: type[TransactionT], source: str) -> None:
+        self._db = db
+        self._transaction = transaction
+        self._source = source
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[TransactionT]:
+        """A write transaction."""
+        async with self._db.write() as conn:
+            yield self._transaction(conn, self._source)
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[TransactionT]:
+        """A read-only transaction."""
+        async with self._db.read() as conn:
+            yield self._transaction(conn, self._source)
 
 
 async def insert_ignoring_conflicts(conn: AsyncConnection, table: sa.Table, values: dict[str, Any]) -> bool:

@@ -7,10 +7,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from jwt.algorithms import OKPAlgorithm
 
 from threadline.platform.errors import ServiceUnavailable, Unauthorized
 
-__all__ = ["TOKEN_ALGORITHM", "TOKEN_AUDIENCE", "TOKEN_ISSUER", "Identity", "TokenVerifier"]
+__all__ = [
+    "TOKEN_ALGORITHM",
+    "TOKEN_AUDIENCE",
+    "TOKEN_ISSUER",
+    "Identity",
+    "SigningKey",
+    "TokenVerifier",
+]
 
 TOKEN_ALGORITHM = "EdDSA"
 TOKEN_ISSUER = "threadline"
@@ -27,6 +36,33 @@ class Identity:
     handle: str
     display_name: str
     token: str
+
+
+class SigningKey:
+    """An Ed25519 key that signs access tokens in the format TokenVerifier checks."""
+
+    def __init__(self, kid: str, private_key: Ed25519PrivateKey) -> None:
+        self.kid = kid
+        self.private_key = private_key
+
+    def public_jwk(self) -> dict[str, Any]:
+        """The public half as a JWK."""
+        jwk: dict[str, Any] = OKPAlgorithm.to_jwk(self.private_key.public_key(), as_dict=True)
+        return {**jwk, "kid": self.kid, "alg": TOKEN_ALGORITHM, "use": "sig"}
+
+    def sign(self, *, user_id: str, handle: str, display_name: str, ttl_seconds: int) -> str:
+        """An access token for one account, valid for `ttl_seconds` from now."""
+        issued = int(time.time())
+        claims = {
+            "iss": TOKEN_ISSUER,
+            "aud": TOKEN_AUDIENCE,
+            "sub": user_id,
+            "handle": handle,
+            "name": display_name,
+            "iat": issued,
+            "exp": issued + ttl_seconds,
+        }
+        return jwt.encode(claims, self.private_key, algorithm=TOKEN_ALGORITHM, headers={"kid": self.kid})
 
 
 class TokenVerifier:

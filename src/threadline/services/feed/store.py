@@ -1,7 +1,5 @@
 """The feed service's tables and queries; migrations live beside it in `migrations/`."""
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,7 @@ from threadline.platform.clock import utcnow
 from threadline.platform.db import (
     Database,
     Migrations,
+    SqlStore,
     Transaction,
     UtcDateTime,
     insert_ignoring_conflicts,
@@ -185,20 +184,8 @@ class SqlFeedTransaction(Transaction):
         return [str(row.post_id) for row in kept], cursor
 
 
-class SqlFeedStore:
+class SqlFeedStore(SqlStore[SqlFeedTransaction]):
     """The feed store on its own database."""
 
     def __init__(self, db: Database) -> None:
-        self._db = db
-
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[SqlFeedTransaction]:
-        """A write transaction."""
-        async with self._db.write() as conn:
-            yield SqlFeedTransaction(conn, SERVICE)
-
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[SqlFeedTransaction]:
-        """A read-only transaction."""
-        async with self._db.read() as conn:
-            yield SqlFeedTransaction(conn, SERVICE)
+        super().__init__(db, SqlFeedTransaction, SERVICE)

@@ -1,7 +1,5 @@
 """The payments service's tables and queries; migrations live beside it in `migrations/`."""
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from threadline.platform.db import (
     Database,
     Migrations,
+    SqlStore,
     Transaction,
     UtcDateTime,
     insert_ignoring_conflicts,
@@ -313,23 +312,11 @@ class SqlPaymentTransaction(Transaction):
         ]
 
 
-class SqlPaymentStore:
+class SqlPaymentStore(SqlStore[SqlPaymentTransaction]):
     """The payments store on its own database."""
 
     def __init__(self, db: Database) -> None:
-        self._db = db
-
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[SqlPaymentTransaction]:
-        """A write transaction."""
-        async with self._db.write() as conn:
-            yield SqlPaymentTransaction(conn, SERVICE)
-
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[SqlPaymentTransaction]:
-        """A read-only transaction."""
-        async with self._db.read() as conn:
-            yield SqlPaymentTransaction(conn, SERVICE)
+        super().__init__(db, SqlPaymentTransaction, SERVICE)
 
 
 class SqlChargeStore:

@@ -1,7 +1,5 @@
 """The posts service's tables and queries; migrations live beside it in `migrations/`."""
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +9,7 @@ from threadline.platform.clock import utcnow
 from threadline.platform.db import (
     Database,
     Migrations,
+    SqlStore,
     Transaction,
     UtcDateTime,
     insert_ignoring_conflicts,
@@ -166,20 +165,8 @@ class SqlPostTransaction(Transaction):
         )
 
 
-class SqlPostStore:
+class SqlPostStore(SqlStore[SqlPostTransaction]):
     """The posts store on its own database."""
 
     def __init__(self, db: Database) -> None:
-        self._db = db
-
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[SqlPostTransaction]:
-        """A write transaction."""
-        async with self._db.write() as conn:
-            yield SqlPostTransaction(conn, SERVICE)
-
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[SqlPostTransaction]:
-        """A read-only transaction."""
-        async with self._db.read() as conn:
-            yield SqlPostTransaction(conn, SERVICE)
+        super().__init__(db, SqlPostTransaction, SERVICE)

@@ -1,14 +1,19 @@
 """The threads service's tables and queries; migrations live beside it in `migrations/`."""
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from threadline.platform.clock import utcnow
-from threadline.platform.db import Database, Migrations, Transaction, UtcDateTime, insert_ignoring_conflicts
+from threadline.platform.db import (
+    Database,
+    Migrations,
+    SqlStore,
+    Transaction,
+    UtcDateTime,
+    insert_ignoring_conflicts,
+)
 from threadline.services.threads.api import SERVICE
 from threadline.services.threads.service import ThreadNode
 
@@ -67,20 +72,8 @@ class SqlThreadTransaction(Transaction):
             )
 
 
-class SqlThreadStore:
+class SqlThreadStore(SqlStore[SqlThreadTransaction]):
     """The threads store on its own database."""
 
     def __init__(self, db: Database) -> None:
-        self._db = db
-
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[SqlThreadTransaction]:
-        """A write transaction."""
-        async with self._db.write() as conn:
-            yield SqlThreadTransaction(conn, SERVICE)
-
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[SqlThreadTransaction]:
-        """A read-only transaction."""
-        async with self._db.read() as conn:
-            yield SqlThreadTransaction(conn, SERVICE)
+        super().__init__(db, SqlThreadTransaction, SERVICE)

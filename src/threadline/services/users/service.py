@@ -1,23 +1,19 @@
 """The users application layer: implements UsersApi over its store and the signing keys."""
 
 import asyncio
-import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any, Protocol
 
-import jwt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from jwt.algorithms import OKPAlgorithm
 
 from threadline.platform.clock import utcnow
 from threadline.platform.events import EventPayload
 from threadline.platform.ids import new_id
 from threadline.platform.pagination import Page, PageRequest
-from threadline.platform.tokens import TOKEN_ALGORITHM, TOKEN_AUDIENCE, TOKEN_ISSUER, Identity
+from threadline.platform.tokens import Identity, SigningKey
 from threadline.services.users.api import (
     AccessToken,
     CannotFollowSelf,
@@ -34,7 +30,7 @@ from threadline.services.users.api import (
     UserUpdated,
 )
 
-__all__ = ["SigningKey", "UserRecord", "UserStore", "UserTransaction", "UsersService"]
+__all__ = ["UserRecord", "UserStore", "UserTransaction", "UsersService"]
 
 
 class UserRecord(UserPublic):
@@ -46,19 +42,6 @@ class UserRecord(UserPublic):
     def public(self) -> UserPublic:
         """The account as anyone may see it."""
         return UserPublic.model_validate(self.model_dump(exclude={"password_hash", "version"}))
-
-
-class SigningKey:
-    """An Ed25519 key that signs access tokens, known to verifiers by its key id."""
-
-    def __init__(self, kid: str, private_key: Ed25519PrivateKey) -> None:
-        self.kid = kid
-        self.private_key = private_key
-
-    def public_jwk(self) -> dict[str, Any]:
-        """The public half as a JWK."""
-        jwk: dict[str, Any] = OKPAlgorithm.to_jwk(self.private_key.public_key(), as_dict=True)
-        return {**jwk, "kid": self.kid, "alg": TOKEN_ALGORITHM, "use": "sig"}
 
 
 class UserTransaction(Protocol):
@@ -157,17 +140,9 @@ class UsersService:
         if not await asyncio.to_thread(self._verify, user.password_hash, data.password):
             raise InvalidCredentials("wrong handle or password")
         key = await self._store.signing_key()
-        issued = int(time.time())
-        claims = {
-            "iss": TOKEN_ISSUER,
-            "aud": TOKEN_AUDIENCE,
-            "sub": user.id,
-            "handle": user.handle,
-            "name": user.display_name,
-            "iat": issued,
-            "exp": issued + self._token_ttl,
-        }
-        token = jwt.encode(claims, key.private_key, algorithm=TOKEN_ALGORITHM, headers={"kid": key.kid})
+        token = key.sign(
+            user_id=user.id, handle=user.handle, display_name=user.display_name, ttl_seconds=self._token_ttl
+        )
         return AccessToken(access_token=token, expires_in=self._token_ttl)
 
     async def get_user(self, user_id: str) -> UserPublic:

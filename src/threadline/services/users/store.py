@@ -1,7 +1,5 @@
 """The users service's tables and queries; migrations live beside it in `migrations/`."""
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ from threadline.platform.clock import utcnow
 from threadline.platform.db import (
     Database,
     Migrations,
+    SqlStore,
     Transaction,
     UtcDateTime,
     insert_ignoring_conflicts,
@@ -22,8 +21,9 @@ from threadline.platform.db import (
 )
 from threadline.platform.ids import new_id
 from threadline.platform.pagination import Page, PageRequest
+from threadline.platform.tokens import SigningKey
 from threadline.services.users.api import SERVICE, UserPublic
-from threadline.services.users.service import SigningKey, UserRecord
+from threadline.services.users.service import UserRecord
 
 __all__ = ["MIGRATIONS", "SigningKeyUnreadable", "SqlUserStore"]
 
@@ -153,25 +153,13 @@ class SqlUserTransaction(Transaction):
         return None if row is None else UserRecord.model_validate(dict(row._mapping))
 
 
-class SqlUserStore:
+class SqlUserStore(SqlStore[SqlUserTransaction]):
     """The users store on its own database."""
 
     def __init__(self, db: Database, *, secret_key: str) -> None:
-        self._db = db
+        super().__init__(db, SqlUserTransaction, SERVICE)
         self._secret = secret_key.encode()
         self._signing_key: SigningKey | None = None
-
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[SqlUserTransaction]:
-        """A write transaction."""
-        async with self._db.write() as conn:
-            yield SqlUserTransaction(conn, SERVICE)
-
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[SqlUserTransaction]:
-        """A read-only transaction."""
-        async with self._db.read() as conn:
-            yield SqlUserTransaction(conn, SERVICE)
 
     async def signing_key(self) -> SigningKey:
         """The signing key, created (encrypted with the secret key) on first use."""
