@@ -5,6 +5,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from tests.fakes.feed import FakeFeedStore, FakePosts
+from tests.fakes.identities import identity
 from threadline.platform.errors import InvalidRequest, ServiceUnavailable
 from threadline.platform.ids import new_id
 from threadline.platform.pagination import PageRequest
@@ -44,11 +45,6 @@ def bob() -> Identity:
 @pytest.fixture
 def cy() -> Identity:
     return identity("cy", "Cy")
-
-
-def identity(handle: str, display_name: str = "") -> Identity:
-    """A verified caller with a fresh account id, as a token's claims would give it."""
-    return Identity(user_id=new_id(), handle=handle, display_name=display_name, token="test-token")
 
 
 async def follow(

@@ -2,6 +2,7 @@
 
 import pytest
 
+from tests.fakes.identities import identity
 from tests.fakes.posts import FakeEntitlements, FakePostStore
 from threadline.platform.errors import InvalidRequest
 from threadline.platform.ids import new_id
@@ -46,11 +47,6 @@ def ada() -> Identity:
 @pytest.fixture
 def bob() -> Identity:
     return identity("bob", "Bob")
-
-
-def identity(handle: str, display_name: str = "") -> Identity:
-    """A verified caller with a fresh account id, as a token's claims would give it."""
-    return Identity(user_id=new_id(), handle=handle, display_name=display_name, token="test-token")
 
 
 async def post(
