@@ -80,7 +80,71 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("group", metavar="GROUP", help="the components to run, e.g. users+posts")
     serve.add_argument("--port", type=_port, help="the port to listen on")
     serve.set_defaults(command=_serve)
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure both topologies side by side with the same workload",
+        description="Start each topology on a fresh data directory, seed it through the API, offer the "
+        "social mix at rising fixed rates (open loop), and report throughput, latency, CPU and memory; "
+        "then time one service-to-service call every way. Writes latest.json and latency.png.",
+    )
+    bench.add_argument("--users", type=_positive, default=1000, help="accounts to seed (default 1000)")
+    bench.add_argument("--posts", type=_positive, default=50_000, help="posts to seed (default 50000)")
+    bench.add_argument(
+        "--rates",
+        type=_rates,
+        default=None,
+        help="offered rates in requests/s, comma-separated (default 25,50,100,200,300,400,600,800,1200)",
+    )
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds per rate (default 10)")
+    bench.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per topology (default 3)")
+    bench.add_argument("--p99-bound", type=float, default=200.0, help="p99 bound in ms (default 200)")
+    bench.add_argument("--topologies", default="monolith,microservices", help="which, comma-separated")
+    bench.add_argument("--thread-reads", action="store_true", help="half the composes become thread reads")
+    bench.add_argument("--micro-calls", type=int, default=5000, help="calls per microbenchmark (0 skips)")
+    bench.add_argument("--out", type=Path, default=Path("bench/results"), help="where to write results")
+    bench.set_defaults(command=_bench)
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        rates = []
+    if not rates or any(rate <= 0 for rate in rates):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of positive rates such as 50,100,200")
+    return sorted(rates)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from threadline.bench.compare import BenchConfig, run_bench
+
+    config = BenchConfig(
+        users=args.users,
+        posts=args.posts,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        p99_bound_ms=args.p99_bound,
+        topologies=tuple(parse_topology(t, SERVICES).name for t in args.topologies.split(",")),
+        thread_reads=args.thread_reads,
+        micro_calls=args.micro_calls,
+        out_dir=args.out,
+    )
+    if args.rates is not None:
+        config.rates = args.rates
+    run_bench(config)
+    return 0
 
 
 def _port(text: str) -> int:

@@ -1,6 +1,7 @@
 """Calls to another service over HTTP: pooled connections, deadlines, retries, circuit breaking.
 
-aiohttp's client is used because it measured about 8x faster than httpx per service hop here.
+aiohttp's client is used because it measured about 3x faster than httpx per service hop here
+(0.5 ms against 1.4 ms at p50, `threadline bench`'s microbenchmarks).
 """
 
 import asyncio

@@ -37,7 +37,11 @@ class OutboxRelay:
         self._wakeup.set()
 
     async def drain(self) -> int:
-        """Publish every unsent event, oldest first; returns how many were published."""
+        """Publish every unsent event, oldest first; returns how many were published.
+
+        Each batch is marked sent in one transaction after its events are published; a crash in
+        between publishes them again, which the bus's deduplication and the consumers' guard absorb.
+        """
         published = 0
         while True:
             async with self._db.read() as conn:
@@ -51,13 +55,18 @@ class OutboxRelay:
                 ).all()
             if not rows:
                 return published
-            for seq, body in rows:
-                await self._bus.publish(Event.from_json(body))
-                async with self._db.write() as conn:
-                    await conn.execute(
-                        outbox_table.update().where(outbox_table.c.seq == seq).values(sent_at=utcnow())
-                    )
-                published += 1
+            sent: list[int] = []
+            try:
+                for seq, body in rows:
+                    await self._bus.publish(Event.from_json(body))
+                    sent.append(seq)
+            finally:
+                if sent:
+                    async with self._db.write() as conn:
+                        await conn.execute(
+                            outbox_table.update().where(outbox_table.c.seq.in_(sent)).values(sent_at=utcnow())
+                        )
+                    published += len(sent)
 
     async def prune(self) -> None:
         """Forget events published long enough ago."""

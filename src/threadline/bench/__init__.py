@@ -1,0 +1,1 @@
+"""Benchmarks: the same workload against both topologies, and single-call microbenchmarks."""

@@ -1,0 +1,318 @@
+"""`threadline bench`: the same workload against each topology on this machine, side by side.
+
+For each topology: start it with the runner on a fresh data directory, seed the same data set
+through the public API, then offer the social mix at rising fixed rates (open loop). Per rate it
+records latency percentiles from each request's intended send time, CPU seconds per request
+summed over every process (and per process, which in the microservices topology is per
+service), and the peak resident memory of each process. The highest rate whose p99 stays under
+the bound, with under 1% errors and at least 95% of the offered rate completed, is the max
+sustainable throughput.
+"""
+
+import io
+import json
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import uvloop
+
+from threadline.bench.loadgen import LoadResult, run_open_loop
+from threadline.bench.workload import Dataset, seed, social_mix
+from threadline.platform.settings import Settings
+from threadline.runner import Runner, running
+from threadline.topology import SERVICES, parse_topology
+
+__all__ = ["BenchConfig", "RateStep", "TopologyReport", "run_bench"]
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BenchConfig:
+    """What to measure and how hard."""
+
+    users: int = 1000
+    posts: int = 50_000
+    rates: list[float] = field(default_factory=lambda: [25, 50, 100, 200, 300, 400, 600, 800, 1200])
+    duration_s: float = 10.0
+    warmup_s: float = 3.0
+    p99_bound_ms: float = 200.0
+    topologies: tuple[str, ...] = ("monolith", "microservices")
+    thread_reads: bool = False
+    seed: int = 1
+    out_dir: Path = Path("bench/results")
+    micro_calls: int = 5000
+    host: str = "127.0.0.1"
+
+
+@dataclass
+class RateStep:
+    """One offered rate against one topology."""
+
+    load: LoadResult
+    cpu_s_by_process: dict[str, float]
+    peak_rss_mb_by_process: dict[str, float]
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        """CPU time of every Threadline process (and NATS) per completed request."""
+        if not self.load.completed:
+            return float("nan")
+        return 1000 * sum(self.cpu_s_by_process.values()) / self.load.completed
+
+    def sustainable(self, p99_bound_ms: float) -> bool:
+        """p99 under the bound, errors under 1%, and at least 95% of the offered rate completed."""
+        load = self.load
+        return (
+            load.completed > 0
+            and load.percentile(99) <= p99_bound_ms
+            and (load.errors + load.client_errors) <= 0.01 * max(load.sent, 1)
+            and load.achieved_rate >= 0.95 * load.offered_rate
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly summary."""
+        completed = max(self.load.completed, 1)
+        return {
+            **self.load.to_dict(),
+            "cpu_ms_per_request": round(self.cpu_ms_per_request, 4),
+            "cpu_ms_per_request_by_process": {
+                name: round(1000 * cpu / completed, 4) for name, cpu in self.cpu_s_by_process.items()
+            },
+            "peak_rss_mb_by_process": {k: round(v, 1) for k, v in self.peak_rss_mb_by_process.items()},
+        }
+
+
+@dataclass
+class TopologyReport:
+    """Every rate step of one topology, and its verdict."""
+
+    topology: str
+    processes: list[str]
+    dataset: dict[str, Any]
+    steps: list[RateStep]
+    p99_bound_ms: float
+
+    @property
+    def max_sustainable_rate(self) -> float:
+        """The highest offered rate that was sustainable (0 if none was)."""
+        good = [s.load.offered_rate for s in self.steps if s.sustainable(self.p99_bound_ms)]
+        return max(good, default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly summary."""
+        return {
+            "topology": self.topology,
+            "processes": self.processes,
+            "dataset": self.dataset,
+            "max_sustainable_rate": self.max_sustainable_rate,
+            "steps": [step.to_dict() for step in self.steps],
+        }
+
+
+def run_bench(config: BenchConfig, progress: Progress = print) -> dict[str, Any]:
+    """Run the comparison (and the microbenchmarks) and write JSON and PNG into `config.out_dir`."""
+    reports = [_bench_topology(name, config, progress) for name in config.topologies]
+    micro: dict[str, Any] | None = None
+    if config.micro_calls > 0:
+        from threadline.bench.micro import micro_report, run_micro
+
+        progress("==> microbenchmarks of one service-to-service call")
+        micro = micro_report(run_micro(calls=config.micro_calls, progress=progress))
+    result = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "config": {
+            "users": config.users,
+            "posts": config.posts,
+            "rates": config.rates,
+            "duration_s": config.duration_s,
+            "p99_bound_ms": config.p99_bound_ms,
+            "thread_reads": config.thread_reads,
+            "seed": config.seed,
+        },
+        "topologies": [report.to_dict() for report in reports],
+        "micro": micro,
+    }
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = config.out_dir / "latest.json"
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    png_path = config.out_dir / "latency.png"
+    _plot(reports, png_path, config.p99_bound_ms)
+    progress("")
+    progress(render_table(result))
+    progress(f"results: {json_path}  plot: {png_path}")
+    return result
+
+
+def _bench_topology(name: str, config: BenchConfig, progress: Progress) -> TopologyReport:
+    progress(f"==> {name}: starting")
+    data_dir = Path(tempfile.mkdtemp(prefix=f"threadline-bench-{name}-"))
+    # Tokens minted while seeding must outlive the whole run.
+    settings = Settings(
+        data_dir=data_dir, topology=name, port=0, host=config.host, access_token_ttl_seconds=86_400
+    )
+    try:
+        with running(parse_topology(name, SERVICES), settings, out=_ProgressWriter(progress)) as runner:
+            url = runner.gateway_url
+            progress(f"==> {name}: seeding {config.users} users, {config.posts} posts at {url}")
+            dataset = uvloop.run(
+                seed(url, users=config.users, posts=config.posts, seed=config.seed, progress=progress)
+            )
+            source = social_mix(dataset, thread_reads=config.thread_reads)
+            progress(f"==> {name}: warming up for {config.warmup_s:.0f} s")
+            uvloop.run(run_open_loop(url, source, rate=config.rates[0], duration_s=config.warmup_s))
+            steps: list[RateStep] = []
+            for rate in config.rates:
+                step = _measure(runner, url, source, rate, config)
+                steps.append(step)
+                load = step.load
+                progress(
+                    f"    {name} {rate:>7.0f}/s: p50 {load.percentile(50):7.1f} ms  "
+                    f"p99 {load.percentile(99):7.1f} ms  done {load.achieved_rate:7.1f}/s  "
+                    f"errors {load.errors + load.client_errors}  cpu {step.cpu_ms_per_request:.2f} ms/req"
+                )
+                if not step.sustainable(config.p99_bound_ms):
+                    progress(f"    {name}: not sustainable at {rate:.0f}/s; stopping here")
+                    break
+            return TopologyReport(
+                topology=name,
+                processes=[p.spec.name for p in runner.processes],
+                dataset=_dataset_summary(dataset),
+                steps=steps,
+                p99_bound_ms=config.p99_bound_ms,
+            )
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _measure(runner: Runner, url: str, source: Any, rate: float, config: BenchConfig) -> RateStep:
+    processes = _processes(runner)
+    before = {name: _cpu(proc) for name, proc in processes.items()}
+    load = uvloop.run(run_open_loop(url, source, rate=rate, duration_s=config.duration_s))
+    after = {name: _cpu(proc) for name, proc in processes.items()}
+    return RateStep(
+        load=load,
+        cpu_s_by_process={name: after[name] - before[name] for name in processes},
+        peak_rss_mb_by_process={name: _peak_rss_mb(proc) for name, proc in processes.items()},
+    )
+
+
+def _processes(runner: Runner) -> dict[str, psutil.Process]:
+    found = {p.spec.name: psutil.Process(p.pid) for p in runner.processes}
+    nats_pid = runner.nats.pid if runner.nats is not None else None
+    if nats_pid is not None:
+        found["nats"] = psutil.Process(nats_pid)
+    return found
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _peak_rss_mb(process: psutil.Process) -> float:
+    """The process's peak resident set size (VmHWM) in MiB."""
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float(process.memory_info().rss) / 2**20
+
+
+def _dataset_summary(dataset: Dataset) -> dict[str, Any]:
+    return dataset.to_dict()
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "cpus": psutil.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def render_table(result: dict[str, Any]) -> str:
+    """The results as a terminal table."""
+    lines = []
+    for topo in result["topologies"]:
+        lines.append(
+            f"{topo['topology']}: max sustainable {topo['max_sustainable_rate']:.0f} req/s "
+            f"(p99 <= {result['config']['p99_bound_ms']:.0f} ms)  processes: {', '.join(topo['processes'])}"
+        )
+        lines.append(
+            f"  {'offered/s':>9} {'done/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+            f"{'errors':>6} {'cpu ms/req':>10}  peak RSS MiB"
+        )
+        for step in topo["steps"]:
+            rss = ", ".join(f"{k} {v:.0f}" for k, v in step["peak_rss_mb_by_process"].items())
+            lines.append(
+                f"  {step['offered_rate']:>9.0f} {step['achieved_rate']:>8.1f} {step['p50_ms']:>8.1f} "
+                f"{step['p90_ms']:>8.1f} {step['p99_ms']:>8.1f} {step['errors'] + step['client_errors']:>6} "
+                f"{step['cpu_ms_per_request']:>10.2f}  {rss}"
+            )
+        if topo["steps"]:
+            split = topo["steps"][-1]["cpu_ms_per_request_by_process"]
+            lines.append("  cpu ms/req by process: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
+        lines.append("")
+    rates = {t["topology"]: t["max_sustainable_rate"] for t in result["topologies"]}
+    if rates.get("monolith") and "microservices" in rates:
+        ratio = rates["microservices"] / rates["monolith"]
+        lines.append(f"microservices / monolith max sustainable throughput: {ratio:.2f}")
+    micro = result.get("micro")
+    if micro:
+        lines.append(json.dumps(micro.get("summary", micro), indent=None))
+    return "\n".join(lines)
+
+
+def _plot(reports: list[TopologyReport], path: Path, bound_ms: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for report in reports:
+        rates = [s.load.offered_rate for s in report.steps]
+        for pct, style in ((50, "-o"), (99, "--s")):
+            axes.plot(
+                rates,
+                [s.load.percentile(pct) for s in report.steps],
+                style,
+                label=f"{report.topology} p{pct}",
+            )
+    axes.axhline(bound_ms, color="grey", linewidth=0.8, linestyle=":", label=f"p99 bound {bound_ms:.0f} ms")
+    axes.set_xlabel("offered load (requests/s, open loop)")
+    axes.set_ylabel("latency from intended send (ms)")
+    axes.set_yscale("log")
+    axes.set_title("Threadline: latency against offered load, social mix")
+    axes.grid(True, which="both", linewidth=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+class _ProgressWriter(io.TextIOBase):
+    """A text stream that hands each line the runner prints to the progress callback."""
+
+    def __init__(self, progress: Progress) -> None:
+        super().__init__()
+        self._progress = progress
+        self._buffer = ""
+
+    def write(self, text: str) -> int:
+        """Pass on every complete line."""
+        self._buffer += text
+        while "\n" in self._buffer:
+            line, self._buffer = self._buffer.split("\n", 1)
+            self._progress(line)
+        return len(text)

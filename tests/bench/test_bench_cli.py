@@ -1,0 +1,43 @@
+"""`threadline bench` runs end to end on a tiny workload and writes well-formed results."""
+
+import json
+from pathlib import Path
+
+from threadline.cli import main
+
+
+def test_bench_runs_both_topologies_and_writes_json_and_png(tmp_path: Path) -> None:
+    """Both topologies are measured at each rate; the JSON has every figure and the plot is a PNG."""
+    code = main(
+        [
+            "bench",
+            "--users", "4",
+            "--posts", "12",
+            "--rates", "5,10",
+            "--duration", "1",
+            "--warmup", "0.5",
+            "--p99-bound", "5000",
+            "--micro-calls", "0",
+            "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads((tmp_path / "latest.json").read_text())
+    assert [t["topology"] for t in result["topologies"]] == ["monolith", "microservices"]
+    for topology in result["topologies"]:
+        assert [s["offered_rate"] for s in topology["steps"]] == [5, 10]
+        assert topology["max_sustainable_rate"] == 10
+        for step in topology["steps"]:
+            assert step["completed"] == step["sent"] > 0
+            assert 0 < step["p50_ms"] <= step["p90_ms"] <= step["p99_ms"]
+            assert step["cpu_ms_per_request"] > 0
+            assert set(step["peak_rss_mb_by_process"]) >= set(topology["processes"])
+            assert all(mb > 10 for mb in step["peak_rss_mb_by_process"].values())
+    monolith, micro = result["topologies"]
+    assert monolith["processes"] == ["gateway+users+posts+threads+feed+payments"]
+    assert set(micro["processes"]) == {"gateway", "users", "posts", "threads", "feed", "payments"}
+    assert "nats" in micro["steps"][0]["cpu_ms_per_request_by_process"]
+    assert result["machine"]["cpus"] >= 1
+    png = (tmp_path / "latency.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(png) > 10_000
