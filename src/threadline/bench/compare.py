@@ -269,7 +269,12 @@ def render_table(result: dict[str, Any]) -> str:
         lines.append(f"microservices / monolith max sustainable throughput: {ratio:.2f}")
     micro = result.get("micro")
     if micro:
-        lines.append(json.dumps(micro.get("summary", micro), indent=None))
+        hop, loaded = micro["added_per_hop_ms"], micro["added_per_hop_at_10pct_load_ms"]
+        lines.append(
+            f"one service hop adds p50 {hop['p50']:.2f} ms, p99 {hop['p99']:.2f} ms "
+            f"(at 10% load: {loaded['p50']:.2f} / {loaded['p99']:.2f} ms); through the gateway "
+            f"{micro['hop_throughput_ratio']:.2f}x the direct throughput of a trivial route"
+        )
     return "\n".join(lines)
 
 
