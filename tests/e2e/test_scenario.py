@@ -51,6 +51,8 @@ async def test_social_scenario(api: Api) -> None:
     assert [u["handle"] for u in followers.body["items"]] == [bob["handle"]]
     profile = await api.call("GET", f"/api/v1/users/{alice['handle']}")
     assert profile.body["followers_count"] == 1
+    following = await api.call("GET", f"/api/v1/users/{bob['handle']}/following")
+    assert [u["handle"] for u in following.body["items"]] == [alice["handle"]]
 
     post = await api.call("POST", "/api/v1/posts", json={"text": "hello world"}, token=alice_token)
     assert post.status == 201
@@ -69,6 +71,11 @@ async def test_social_scenario(api: Api) -> None:
     assert seen_by_bob.body["reply_count"] == 1
     anonymous = await api.call("GET", f"/api/v1/posts/{post.body['id']}")
     assert anonymous.body["liked_by_me"] is False
+    unlike = await api.call("DELETE", f"/api/v1/posts/{post.body['id']}/like", token=bob_token)
+    assert unlike.status == 204
+    unliked = await api.call("GET", f"/api/v1/posts/{post.body['id']}", token=bob_token)
+    assert (unliked.body["like_count"], unliked.body["liked_by_me"]) == (0, False)
+    assert (await api.call("PUT", f"/api/v1/posts/{post.body['id']}/like", token=bob_token)).status == 204
 
     renamed = await api.call("PATCH", "/api/v1/me", json={"display_name": "Alice A."}, token=alice_token)
     assert (renamed.status, renamed.body["display_name"]) == (200, "Alice A.")
