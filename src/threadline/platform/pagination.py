@@ -27,7 +27,7 @@ class Page(BaseModel, Generic[T]):
     next_cursor: str | None = None
 
 
-def page_request(
+async def page_request(
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> PageRequest:
