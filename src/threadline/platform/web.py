@@ -161,8 +161,10 @@ class _EdgeMiddleware:
             return
         started = time.perf_counter()
         headers = dict(scope["headers"])
-        if headers.get(b"content-type", b"").split(b";")[0].strip() != b"application/json":
-            # The API is JSON only: read every body as JSON, whatever type the client declared.
+        has_body = b"content-length" in headers or b"transfer-encoding" in headers
+        if has_body and headers.get(b"content-type", b"").split(b";")[0].strip() != b"application/json":
+            # The API is JSON only: read every body as JSON, whatever type the client declared;
+            # bodiless requests (most reads) keep their headers untouched, off the hot path.
             headers[b"content-type"] = b"application/json"
             scope = {**scope, "headers": list(headers.items())}
         declared = headers.get(b"content-length")
