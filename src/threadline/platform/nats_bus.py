@@ -154,8 +154,8 @@ class NatsBus:
 
         try:
             # With unlimited reconnects the first connect would also retry forever; bound it.
-            await asyncio.wait_for(
-                nc.connect(
+            async with asyncio.timeout(_CONNECT_DEADLINE_SECONDS):
+                await nc.connect(
                     servers=[self._url],
                     name=f"threadline-{self._namespace}",
                     connect_timeout=2,
@@ -164,9 +164,7 @@ class NatsBus:
                     error_cb=on_error,
                     disconnected_cb=on_disconnected,
                     reconnected_cb=on_reconnected,
-                ),
-                timeout=_CONNECT_DEADLINE_SECONDS,
-            )
+                )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             last_error = nc.last_error or exc
             with contextlib.suppress(Exception):

@@ -30,7 +30,7 @@ class OutboxRelay:
         self._poll_seconds = poll_seconds
         self._batch = batch
         self._wakeup = asyncio.Event()
-        db.on_commit(self.wake)
+        db.on_events_committed(self.wake)
 
     def wake(self) -> None:
         """Look at the outbox now rather than at the next poll."""
@@ -41,6 +41,7 @@ class OutboxRelay:
 
         Each batch is marked sent in one transaction after its events are published; a crash in
         between publishes them again, which the bus's deduplication and the consumers' guard absorb.
+        A short batch ends the drain: anything committed since woke the relay for another one.
         """
         published = 0
         while True:
@@ -67,6 +68,8 @@ class OutboxRelay:
                             outbox_table.update().where(outbox_table.c.seq.in_(sent)).values(sent_at=utcnow())
                         )
                     published += len(sent)
+            if len(rows) < self._batch:
+                return published
 
     async def prune(self) -> None:
         """Forget events published long enough ago."""
@@ -94,5 +97,8 @@ class OutboxRelay:
                 backoff = min(backoff * 2, 5.0)
                 await asyncio.sleep(backoff)
                 continue
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+            # arrives as the wake-up does, and the relay would then never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_seconds)
+                async with asyncio.timeout(self._poll_seconds):
+                    await self._wakeup.wait()
