@@ -92,9 +92,10 @@ def migrations(tmp_path: Path) -> Migrations:
     return Migrations(folder, "notes_alembic_version")
 
 
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'notes.db'}"
+@pytest.fixture(params=["sqlite", "sqlite+aiosqlite"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Both ways to the same file: the standard driver on the loop (default) and an asyncio driver."""
+    return f"{request.param}:///{tmp_path / 'notes.db'}"
 
 
 @pytest.fixture
@@ -226,7 +227,7 @@ async def test_a_closed_database_refuses_transactions_and_fails_its_ping(db: Dat
 async def test_a_committed_write_keeps_the_state_change_and_its_event(db: Database) -> None:
     """The note and its outbox row commit together; the event's envelope is stored whole."""
     commits: list[int] = []
-    db.on_commit(lambda: commits.append(1))
+    db.on_events_committed(lambda: commits.append(1))
     event = await add_note(db, "hello")
     assert commits == [1]
     async with db.read() as conn:
@@ -243,7 +244,7 @@ async def test_a_committed_write_keeps_the_state_change_and_its_event(db: Databa
 async def test_a_write_that_raises_rolls_back_the_state_change_and_its_event(db: Database) -> None:
     """An exception after writing leaves neither the note nor its event, and fires no commit hook."""
     commits: list[int] = []
-    db.on_commit(lambda: commits.append(1))
+    db.on_events_committed(lambda: commits.append(1))
 
     async def write_then_fail() -> None:
         async with db.write() as conn:
@@ -262,6 +263,49 @@ async def test_a_write_that_raises_rolls_back_the_state_change_and_its_event(db:
     await add_note(db, "the next write still works")
     assert await count(db, notes_table) == 1
     assert commits == [1]
+
+
+async def test_a_commit_without_events_fires_no_hook(db: Database) -> None:
+    """Only transactions that recorded events wake the relay; a plain write or a read does not."""
+    commits: list[int] = []
+    db.on_events_committed(lambda: commits.append(1))
+    async with db.write() as conn:
+        await conn.execute(notes_table.insert().values(id=new_id(), body="no event"))
+    async with db.read() as conn:
+        await conn.execute(sa.select(notes_table))
+    assert commits == []
+    assert await count(db, notes_table) == 1
+    await add_note(db, "with an event")
+    assert commits == [1]
+
+
+async def test_a_write_cancelled_while_committing_leaves_the_database_usable(db: Database) -> None:
+    """Cancelling writers at any point, commit included, loses no acknowledged row and wedges nothing."""
+    started = asyncio.Event()
+
+    async def write(body: str) -> str:
+        async with db.write() as conn:
+            started.set()
+            await conn.execute(notes_table.insert().values(id=new_id(), body=body))
+        return body
+
+    acknowledged: list[str] = []
+    for round_ in range(20):
+        started.clear()
+        tasks = [asyncio.create_task(write(f"note {round_}.{i}")) for i in range(5)]
+        await started.wait()
+        for _ in range(round_ % 4):
+            await asyncio.sleep(0)
+        tasks[round_ % 5].cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert sum(isinstance(o, asyncio.CancelledError) for o in outcomes) <= 1
+        acknowledged += [o for o in outcomes if isinstance(o, str)]
+    async with db.read() as conn:
+        stored = set((await conn.execute(sa.select(notes_table.c.body))).scalars())
+    assert len(acknowledged) >= 80
+    assert set(acknowledged) <= stored
+    await add_note(db, "still writable")
+    assert await count(db, notes_table) == len(stored) + 1
 
 
 async def test_claim_event_admits_each_event_once_per_consumer(db: Database) -> None:
@@ -365,6 +409,19 @@ async def test_a_commit_wakes_the_relay_without_waiting_for_the_poll(db: Databas
         await eventually(lambda: delivered([first, second]), within=5)
         third = await add_note(db, "third")
         await eventually(lambda: delivered([first, second, third]), within=5)
+
+
+async def test_a_relay_cancelled_as_it_is_woken_still_stops(db: Database) -> None:
+    """A cancellation that arrives together with a wake-up is not lost (it would hang every shutdown)."""
+    relay = OutboxRelay(db, FakeBus(), name=SOURCE, poll_seconds=30)
+    for _ in range(20):
+        task = asyncio.create_task(relay.run())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        relay.wake()
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=10)
+        assert done, "the relay ignored its cancellation"
 
 
 async def test_a_failing_in_process_handler_leaves_the_event_to_be_delivered_again(db: Database) -> None:

@@ -68,11 +68,9 @@ def test_settings_refuse_a_production_environment_with_the_default_secret_from_v
 
 
 def test_database_url_defaults_to_a_sqlite_file_per_service_under_data_dir(tmp_path: Path) -> None:
-    """A service not named in database_urls gets `<data_dir>/<service>.db` (absolute) via aiosqlite."""
+    """A service not named in database_urls gets `<data_dir>/<service>.db` (absolute)."""
     settings = Settings(data_dir=tmp_path / "data", database_urls={"posts": "postgresql+asyncpg://db/posts"})
-    assert (
-        settings.database_url("users") == f"sqlite+aiosqlite:///{(tmp_path / 'data' / 'users.db').resolve()}"
-    )
+    assert settings.database_url("users") == f"sqlite:///{(tmp_path / 'data' / 'users.db').resolve()}"
     assert settings.database_url("posts") == "postgresql+asyncpg://db/posts"
 
 
@@ -82,7 +80,7 @@ def test_database_url_of_a_relative_data_dir_is_absolute(
     """A relative data_dir is resolved, so a child process in another directory finds the same file."""
     monkeypatch.chdir(tmp_path)
     url = Settings(data_dir=Path("rel")).database_url("users")
-    assert url == f"sqlite+aiosqlite:///{tmp_path.resolve() / 'rel' / 'users.db'}"
+    assert url == f"sqlite:///{tmp_path.resolve() / 'rel' / 'users.db'}"
 
 
 def test_as_environment_round_trips_every_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

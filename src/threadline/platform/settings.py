@@ -44,7 +44,7 @@ class Settings(BaseSettings):
         """The database URL of one service."""
         if service in self.database_urls:
             return self.database_urls[service]
-        return f"sqlite+aiosqlite:///{(self.data_dir / f'{service}.db').resolve()}"
+        return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
 
     def as_environment(self) -> dict[str, str]:
         """These settings as `THREADLINE_*` variables, so a child process reads the same ones."""

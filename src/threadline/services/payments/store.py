@@ -5,9 +5,9 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from threadline.platform.db import (
+    Connection,
     Database,
     Migrations,
     SqlStore,
@@ -341,7 +341,7 @@ class SqlChargeStore:
         return kept
 
     @staticmethod
-    async def _find(conn: AsyncConnection, idempotency_key: str) -> Charge | None:
+    async def _find(conn: Connection, idempotency_key: str) -> Charge | None:
         row = (
             await conn.execute(
                 sa.select(sandbox_charges).where(sandbox_charges.c.idempotency_key == idempotency_key)

@@ -6,10 +6,10 @@ from typing import Any
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from threadline.platform.clock import utcnow
 from threadline.platform.db import (
+    Connection,
     Database,
     Migrations,
     SqlStore,
@@ -168,7 +168,7 @@ class SqlUserStore(SqlStore[SqlUserTransaction]):
                 self._signing_key = await self._load_or_create(conn)
         return self._signing_key
 
-    async def _load_or_create(self, conn: AsyncConnection) -> SigningKey:
+    async def _load_or_create(self, conn: Connection) -> SigningKey:
         row = (
             await conn.execute(sa.select(signing_keys).order_by(signing_keys.c.created_at.desc()).limit(1))
         ).first()
