@@ -302,3 +302,68 @@ async def test_unknown_kids_do_not_hammer_a_key_owner_that_is_down(
         await assert_refused(verifier, sign(stranger, kid="unknown"), "invalid_token")
     periods_passed = int((time.monotonic() - first_retry_at) / refresh)
     assert jwks.calls <= 2 + periods_passed
+
+
+class CountingDecode:
+    """Counts the signature checks the verifier makes, passing each on to PyJWT."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        self._decode = jwt.decode
+        monkeypatch.setattr(jwt, "decode", self)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self._decode(*args, **kwargs)
+
+
+async def test_a_verified_token_is_remembered_until_it_expires(
+    verifier: TokenVerifier, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Repeats of a token are answered from memory; once its exp passes it is refused as expired."""
+    decode = CountingDecode(monkeypatch)
+    now = int(time.time())
+    token = sign(key, iat=now, exp=now + 2)
+    first = await verifier.verify(token)
+    assert [await verifier.verify(token) for _ in range(5)] == [first] * 5
+    assert decode.calls == 1
+
+    async def expired() -> None:
+        refusal: Unauthorized | None = None
+        try:
+            await verifier.verify(token)
+        except Unauthorized as refused:
+            refusal = refused
+        assert refusal is not None, "the token is still accepted"
+        assert refusal.code == "token_expired"
+
+    await eventually(expired, within=10)
+
+
+async def test_remembered_tokens_are_bounded_keeping_the_most_recently_used(
+    jwks: FakeJwks, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for two, a third token pushes out the least recently used one, which is checked again."""
+    verifier = TokenVerifier(jwks, remembered_tokens=2)
+    decode = CountingDecode(monkeypatch)
+    first, second, third = (sign(key, sub=f"user-{i}") for i in range(3))
+    await verifier.verify(first)
+    await verifier.verify(second)
+    await verifier.verify(first)
+    await verifier.verify(third)
+    assert decode.calls == 3
+    await verifier.verify(first)
+    assert decode.calls == 3
+    await verifier.verify(second)
+    assert decode.calls == 4
+
+
+async def test_a_tampered_copy_of_a_remembered_token_is_still_refused(
+    verifier: TokenVerifier, key: Ed25519PrivateKey
+) -> None:
+    """Memory is keyed by the whole token: changing any part of a known good token is checked afresh."""
+    token = sign(key)
+    await verifier.verify(token)
+    header, _payload, signature = token.split(".")
+    forged = b64_json({**claims(), "sub": "someone-else"})
+    await assert_refused(verifier, f"{header}.{forged}.{signature}", "invalid_token")

@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -69,18 +70,39 @@ class TokenVerifier:
     """Verifies EdDSA access tokens with keys fetched from a JWKS source and cached.
 
     Keys are refetched only for an unknown key id (at most every `refresh_seconds`), so
-    tokens keep verifying while the key owner is down.
+    tokens keep verifying while the key owner is down. Tokens already verified are remembered
+    until they expire (up to `remembered_tokens` of them, most recently used kept): a client
+    sends the same token with every request, and checking its signature again each time was
+    the largest single cost of a cheap read.
     """
 
-    def __init__(self, fetch_jwks: JwksSource, *, refresh_seconds: float = 10.0) -> None:
+    def __init__(
+        self, fetch_jwks: JwksSource, *, refresh_seconds: float = 10.0, remembered_tokens: int = 10_000
+    ) -> None:
         self._fetch_jwks = fetch_jwks
         self._refresh_seconds = refresh_seconds
         self._keys: dict[str, Any] = {}
         self._fetched_at = -float("inf")
         self._lock = asyncio.Lock()
+        self._remembered_tokens = remembered_tokens
+        self._verified: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
 
     async def verify(self, token: str) -> Identity:
         """Return the identity a token proves, or raise Unauthorized."""
+        remembered = self._verified.get(token)
+        if remembered is not None:
+            identity, expires_at = remembered
+            if time.time() < expires_at:
+                self._verified.move_to_end(token)
+                return identity
+            del self._verified[token]
+        identity, expires_at = await self._verify_signed(token)
+        self._verified[token] = (identity, expires_at)
+        if len(self._verified) > self._remembered_tokens:
+            self._verified.popitem(last=False)
+        return identity
+
+    async def _verify_signed(self, token: str) -> tuple[Identity, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -102,12 +124,13 @@ class TokenVerifier:
             raise Unauthorized("the access token has expired", code="token_expired") from exc
         except jwt.PyJWTError as exc:
             raise Unauthorized("the access token is invalid", code="invalid_token") from exc
-        return Identity(
+        identity = Identity(
             user_id=str(claims["sub"]),
             handle=str(claims.get("handle", "")),
             display_name=str(claims.get("name", "")),
             token=token,
         )
+        return identity, float(claims["exp"])
 
     async def verify_header(self, authorization: str | None) -> Identity:
         """Verify an `Authorization: Bearer …` header value."""
@@ -139,6 +162,7 @@ class TokenVerifier:
             if not self._keys:
                 raise
             return
+        self._verified.clear()
         self._keys = {
             jwk["kid"]: jwt.PyJWK(jwk, algorithm=TOKEN_ALGORITHM).key
             for jwk in jwks.get("keys", [])
