@@ -85,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
         "bench",
         help="measure both topologies side by side with the same workload",
         description="Start each topology on a fresh data directory, seed it through the API, offer the "
-        "social mix at rising fixed rates (open loop), and report throughput, latency, CPU and memory; "
-        "then time one service-to-service call every way. Writes latest.json and latency.png.",
+        "social mix at rising fixed rates (open loop), and report throughput, latency, CPU and memory, "
+        "then the CPU of one operation of each kind; then time one service-to-service call every way. "
+        "Writes latest.json and latency.png.",
     )
     bench.add_argument("--users", type=_positive, default=1000, help="accounts to seed (default 1000)")
     bench.add_argument("--posts", type=_positive, default=50_000, help="posts to seed (default 50000)")
@@ -102,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--topologies", default="monolith,microservices", help="which, comma-separated")
     bench.add_argument("--thread-reads", action="store_true", help="half the composes become thread reads")
     bench.add_argument("--micro-calls", type=int, default=5000, help="calls per microbenchmark (0 skips)")
+    bench.add_argument(
+        "--op-calls", type=int, default=500, help="calls per operation kind for CPU per operation (0 skips)"
+    )
     bench.add_argument("--out", type=Path, default=Path("bench/results"), help="where to write results")
     bench.set_defaults(command=_bench)
     return parser
@@ -139,6 +143,7 @@ def _bench(args: argparse.Namespace) -> int:
         topologies=tuple(parse_topology(t, SERVICES).name for t in args.topologies.split(",")),
         thread_reads=args.thread_reads,
         micro_calls=args.micro_calls,
+        op_calls=args.op_calls,
         out_dir=args.out,
     )
     if args.rates is not None:

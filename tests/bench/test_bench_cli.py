@@ -5,9 +5,11 @@ from pathlib import Path
 
 from threadline.cli import main
 
+OP_CALLS = 20
+
 
 def test_bench_runs_both_topologies_and_writes_json_and_png(tmp_path: Path) -> None:
-    """Both topologies are measured at each rate; the JSON has every figure and the plot is a PNG."""
+    """Both topologies are measured per rate and per operation kind; the JSON has it all; the plot is PNG."""
     code = main(
         [
             "bench",
@@ -18,6 +20,7 @@ def test_bench_runs_both_topologies_and_writes_json_and_png(tmp_path: Path) -> N
             "--warmup", "0.5",
             "--p99-bound", "5000",
             "--micro-calls", "0",
+            "--op-calls", str(OP_CALLS),
             "--out", str(tmp_path),
         ]
     )  # fmt: skip
@@ -37,6 +40,16 @@ def test_bench_runs_both_topologies_and_writes_json_and_png(tmp_path: Path) -> N
     assert monolith["processes"] == ["gateway+users+posts+threads+feed+payments"]
     assert set(micro["processes"]) == {"gateway", "users", "posts", "threads", "feed", "payments"}
     assert "nats" in micro["steps"][0]["cpu_ms_per_request_by_process"]
+    for topology, extra in ((monolith, set()), (micro, {"nats"})):
+        costs = topology["operation_cost"]
+        assert set(costs) == {"feed", "author_posts", "compose", "thread"}
+        for cost in costs.values():
+            assert cost["calls"] == OP_CALLS
+            assert cost["errors"] == 0
+            assert cost["cpu_ms_per_call"] > 0
+            assert set(cost["cpu_ms_by_process"]) == set(topology["processes"]) | extra
+            assert cost["wall_ms_per_call"] > 0
+    assert result["operation_cost_targets_ms"]["monolith"] == {"feed": 0.5, "compose": 1.0}
     assert result["machine"]["cpus"] >= 1
     png = (tmp_path / "latency.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")

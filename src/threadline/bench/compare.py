@@ -6,7 +6,9 @@ records latency percentiles from each request's intended send time, CPU seconds 
 summed over every process (and per process, which in the microservices topology is per
 service), and the peak resident memory of each process. The highest rate whose p99 stays under
 the bound, with under 1% errors and at least 95% of the offered rate completed, is the max
-sustainable throughput.
+sustainable throughput. Then, on the same running system, it measures the CPU cost of one
+operation of each kind in the mix (`threadline.bench.opcost`), against the targets stated per
+operation.
 """
 
 import io
@@ -24,6 +26,8 @@ import psutil
 import uvloop
 
 from threadline.bench.loadgen import LoadResult, run_open_loop
+from threadline.bench.opcost import TARGET_CPU_MS_PER_CALL, OperationCost, measure_operation_costs
+from threadline.bench.workload import PAGE as PAGE_SIZE
 from threadline.bench.workload import Dataset, seed, social_mix
 from threadline.platform.settings import Settings
 from threadline.runner import Runner, running
@@ -49,6 +53,7 @@ class BenchConfig:
     seed: int = 1
     out_dir: Path = Path("bench/results")
     micro_calls: int = 5000
+    op_calls: int = 500
     host: str = "127.0.0.1"
 
 
@@ -99,6 +104,7 @@ class TopologyReport:
     dataset: dict[str, Any]
     steps: list[RateStep]
     p99_bound_ms: float
+    operation_cost: dict[str, OperationCost] = field(default_factory=dict)
 
     @property
     def max_sustainable_rate(self) -> float:
@@ -114,6 +120,7 @@ class TopologyReport:
             "dataset": self.dataset,
             "max_sustainable_rate": self.max_sustainable_rate,
             "steps": [step.to_dict() for step in self.steps],
+            "operation_cost": {kind: cost.to_dict() for kind, cost in self.operation_cost.items()},
         }
 
 
@@ -137,7 +144,9 @@ def run_bench(config: BenchConfig, progress: Progress = print) -> dict[str, Any]
             "p99_bound_ms": config.p99_bound_ms,
             "thread_reads": config.thread_reads,
             "seed": config.seed,
+            "op_calls": config.op_calls,
         },
+        "operation_cost_targets_ms": TARGET_CPU_MS_PER_CALL,
         "topologies": [report.to_dict() for report in reports],
         "micro": micro,
     }
@@ -182,12 +191,27 @@ def _bench_topology(name: str, config: BenchConfig, progress: Progress) -> Topol
                 if not step.sustainable(config.p99_bound_ms):
                     progress(f"    {name}: not sustainable at {rate:.0f}/s; stopping here")
                     break
+            operation_cost: dict[str, OperationCost] = {}
+            if config.op_calls > 0:
+                progress(f"==> {name}: CPU per operation, {config.op_calls} sequential calls of each kind")
+                operation_cost = uvloop.run(
+                    measure_operation_costs(
+                        url,
+                        _processes(runner),
+                        social_mix(dataset, thread_reads=True),
+                        calls=config.op_calls,
+                        seed=config.seed,
+                        progress=progress,
+                        label=name,
+                    )
+                )
             return TopologyReport(
                 topology=name,
                 processes=[p.spec.name for p in runner.processes],
                 dataset=_dataset_summary(dataset),
                 steps=steps,
                 p99_bound_ms=config.p99_bound_ms,
+                operation_cost=operation_cost,
             )
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -262,6 +286,8 @@ def render_table(result: dict[str, Any]) -> str:
         if topo["steps"]:
             split = topo["steps"][-1]["cpu_ms_per_request_by_process"]
             lines.append("  cpu ms/req by process: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
+        targets = result.get("operation_cost_targets_ms", {}).get(topo["topology"], {})
+        lines += _operation_cost_lines(topo.get("operation_cost", {}), targets)
         lines.append("")
     rates = {t["topology"]: t["max_sustainable_rate"] for t in result["topologies"]}
     if rates.get("monolith") and "microservices" in rates:
@@ -276,6 +302,62 @@ def render_table(result: dict[str, Any]) -> str:
             f"{micro['hop_throughput_ratio']:.2f}x the direct throughput of a trivial route"
         )
     return "\n".join(lines)
+
+
+def _operation_cost_lines(costs: dict[str, Any], targets: dict[str, float]) -> list[str]:
+    """One line per operation kind, with its target and whether this run met it."""
+    if not costs:
+        return []
+    calls = ", ".join(sorted({str(cost["calls"]) for cost in costs.values()}))
+    lines = [
+        f"  operation cost: {calls} sequential calls per kind, CPU of every process per call "
+        "(asynchronous work included)",
+    ]
+    split_by_process = any(len(cost["cpu_ms_by_process"]) > 1 for cost in costs.values())
+    header = f"  {'kind':<13} {'cpu ms/call':>11} {'wall ms/call':>12} {'errors':>6}  {'target':<22} "
+    lines.append((header + ("cpu ms/call by process" if split_by_process else "")).rstrip())
+    for kind, cost in costs.items():
+        split = cost["cpu_ms_by_process"]
+        by_process = ", ".join(f"{k} {v:.3f}" for k, v in split.items()) if len(split) > 1 else ""
+        row = (
+            f"  {kind:<13} {cost['cpu_ms_per_call']:>11.3f} {cost['wall_ms_per_call']:>12.2f} "
+            f"{cost['errors']:>6}  {_verdict(kind, cost, targets):<22} {by_process}"
+        )
+        lines.append(row.rstrip())
+    idle = [cost["idle_cpu_ms_per_s"] for cost in costs.values() if cost["idle_cpu_ms_per_s"] is not None]
+    if idle:
+        idle_ms_per_s = sum(idle) / len(idle)
+        walls = [cost["wall_ms_per_call"] for cost in costs.values()]
+        lines.append(
+            f"  included above: {idle_ms_per_s:.1f} ms of CPU per second the processes spend while idle, "
+            f"so {idle_ms_per_s * min(walls) / 1000:.3f}-{idle_ms_per_s * max(walls) / 1000:.3f} ms per call"
+        )
+    for kind, cost in costs.items():
+        if cost["errors"] or cost["warmup_errors"]:
+            reasons = ", ".join(f"{reason} x{count}" for reason, count in cost["error_reasons"].items())
+            lines.append(
+                f"  note: {kind}: {cost['errors']} of {cost['calls']} measured calls failed "
+                f"({reasons or '-'}), {cost['warmup_errors']} of {cost['warmup_calls']} warm-up calls"
+            )
+        if cost["items_per_call"] is not None and kind in targets and cost["items_per_call"] < PAGE_SIZE:
+            lines.append(
+                f"  note: {kind} answers held {cost['items_per_call']:.1f} posts on average; "
+                f"the target is for {PAGE_SIZE}"
+            )
+    return lines
+
+
+def _verdict(kind: str, cost: dict[str, Any], targets: dict[str, float]) -> str:
+    """`<= 0.5 ms: met` or `not met`, with what makes the figure doubtful."""
+    target = targets.get(kind)
+    if target is None:
+        return ""
+    verdict = f"<= {target:g} ms: {'met' if cost['cpu_ms_per_call'] <= target else 'NOT met'}"
+    if cost["errors"]:
+        verdict += " (errors)"
+    if not cost["settled"]:
+        verdict += " (never idle)"
+    return verdict
 
 
 def _plot(reports: list[TopologyReport], path: Path, bound_ms: float) -> None:

@@ -1,0 +1,293 @@
+"""Operation cost: the CPU that one operation of each kind costs the whole running system.
+
+The request mix is drawn with a seeded generator and split by `Request.kind`. Kind by kind, one
+client sends a short warm-up and then `calls` requests of that kind, one after the other over
+one keep-alive connection, so nothing else runs in the system meanwhile. The cost of a kind is
+the CPU time (user + system) that every process of the topology spent from just before the first
+call to the end of the work those calls caused, divided by the number of calls, and split per
+process. The client's own CPU is not counted.
+
+Work that a call causes after its answer is sent, such as a compose's events fanned out to feed
+and threads, is attributed to it by waiting, after the last call, until the system is idle again:
+until no process's CPU time has grown by more than one clock tick for `QUIET_S`, polled and given
+up on (and reported as not settled) after `SETTLE_DEADLINE_S`. The same wait precedes the
+first call, so that earlier work, including the warm-up's, is not counted. What the processes
+spend while idle (timers, relay polls) is counted too; it is reported per second as
+`idle_cpu_ms_per_s` so that its share can be judged.
+"""
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import psutil
+from yarl import URL
+
+from threadline.bench.loadgen import Request, RequestSource
+
+__all__ = [
+    "QUIET_S",
+    "SETTLE_DEADLINE_S",
+    "TARGET_CPU_MS_PER_CALL",
+    "OperationCost",
+    "measure_operation_costs",
+    "requests_by_kind",
+]
+
+# The targets as stated: CPU per feed read (20 posts) and per compose, in the monolith.
+TARGET_CPU_MS_PER_CALL: dict[str, dict[str, float]] = {"monolith": {"feed": 0.5, "compose": 1.0}}
+QUIET_S = 0.5
+SETTLE_DEADLINE_S = 30.0
+POLL_S = 0.05
+CLOCK_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+MAX_DRAWS_PER_CALL = 200
+
+
+@dataclass
+class OperationCost:
+    """What `calls` sequential requests of one kind cost every process of a topology."""
+
+    kind: str
+    calls: int
+    errors: int
+    cpu_s_by_process: dict[str, float]
+    wall_s: float
+    settled: bool
+    settle_s: float
+    idle_cpu_s_per_s: float | None
+    warmup_calls: int = 0
+    warmup_errors: int = 0
+    error_reasons: dict[str, int] = field(default_factory=dict)
+    items_per_call: float | None = None
+
+    @property
+    def cpu_ms_per_call(self) -> float:
+        """CPU time of every process per call, asynchronous follow-up work included."""
+        return 1000 * sum(self.cpu_s_by_process.values()) / self.calls
+
+    @property
+    def wall_ms_per_call(self) -> float:
+        """Mean time from sending a request to having read its whole answer."""
+        return 1000 * self.wall_s / self.calls
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly summary."""
+        idle = self.idle_cpu_s_per_s
+        return {
+            "calls": self.calls,
+            "cpu_ms_per_call": round(self.cpu_ms_per_call, 4),
+            "cpu_ms_by_process": {
+                name: round(1000 * cpu / self.calls, 4) for name, cpu in self.cpu_s_by_process.items()
+            },
+            "wall_ms_per_call": round(self.wall_ms_per_call, 4),
+            "errors": self.errors,
+            "error_reasons": dict(self.error_reasons),
+            "warmup_calls": self.warmup_calls,
+            "warmup_errors": self.warmup_errors,
+            "items_per_call": None if self.items_per_call is None else round(self.items_per_call, 2),
+            "settled": self.settled,
+            "settle_s": round(self.settle_s, 3),
+            "idle_cpu_ms_per_s": None if idle is None else round(1000 * idle, 3),
+        }
+
+
+def requests_by_kind(source: RequestSource, per_kind: int, *, seed: int = 0) -> dict[str, list[Request]]:
+    """`per_kind` requests of every kind `source` produces, drawn with a generator seeded with `seed`."""
+    if per_kind < 1:
+        raise ValueError("need at least one request per kind")
+    rng = random.Random(seed)
+    found: dict[str, list[Request]] = {}
+    for _ in range(MAX_DRAWS_PER_CALL * per_kind):
+        request = source(rng)
+        found.setdefault(request.kind, []).append(request)
+        if all(len(requests) >= per_kind for requests in found.values()):
+            break
+    short = [kind for kind, requests in found.items() if len(requests) < per_kind]
+    if short:
+        raise ValueError(f"the mix produces too few requests of kind {', '.join(short)} to draw {per_kind}")
+    return {kind: requests[:per_kind] for kind, requests in found.items()}
+
+
+async def measure_operation_costs(
+    base_url: str,
+    processes: Mapping[str, psutil.Process],
+    source: RequestSource,
+    *,
+    calls: int,
+    warmup_calls: int | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] = print,
+    label: str = "",
+) -> dict[str, OperationCost]:
+    """The cost of `calls` sequential requests of each kind `source` produces, reads before writes."""
+    if calls < 1:
+        raise ValueError("calls must be positive")
+    warmup = max(5, min(50, calls // 10)) if warmup_calls is None else warmup_calls
+    drawn = requests_by_kind(source, warmup + calls, seed=seed)
+    # Reads go first so that they read the data set the earlier phases left, not one grown by these composes.
+    kinds = sorted(drawn, key=lambda kind: drawn[kind][0].method != "GET")
+    prefix = f"{label} " if label else ""
+    costs: dict[str, OperationCost] = {}
+    timeout = aiohttp.ClientTimeout(total=10)
+    connector = aiohttp.TCPConnector(limit=1, ttl_dns_cache=None)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()
+    ) as session:
+        caller = _Caller(base_url, session)
+        for kind in kinds:
+            progress(f"    {prefix}operation cost of {kind}: {warmup} warm-up calls, then {calls} measured")
+            warmup_requests, measured_requests = drawn[kind][:warmup], drawn[kind][warmup:]
+            cost = await _measure_kind(
+                caller, processes, f"{prefix}{kind}", warmup_requests, measured_requests, progress
+            )
+            costs[kind] = cost
+            unsettled = "" if cost.settled else f", NOT idle within {SETTLE_DEADLINE_S:.0f} s"
+            progress(
+                f"    {prefix}{kind}: cpu {cost.cpu_ms_per_call:.3f} ms/call  "
+                f"wall {cost.wall_ms_per_call:.2f} ms/call  errors {cost.errors}  "
+                f"(idle again {cost.settle_s:.1f} s after the last call{unsettled})"
+            )
+    return costs
+
+
+async def _measure_kind(
+    caller: "_Caller",
+    processes: Mapping[str, psutil.Process],
+    label: str,
+    warmup: list[Request],
+    measured: list[Request],
+    progress: Callable[[str], None],
+) -> OperationCost:
+    warm = _Tally()
+    for request in warmup:
+        await caller.send(request, warm)
+    before = await _wait_until_idle(processes)
+    tally = _Tally()
+    report_every = max(1, len(measured) // 4)
+    for done, request in enumerate(measured, start=1):
+        await caller.send(request, tally)
+        if done % report_every == 0 and done < len(measured):
+            progress(f"      {label}: {done}/{len(measured)} calls")
+    after = await _wait_until_idle(processes)
+    quiet_s = before.quiet_s + after.quiet_s
+    return OperationCost(
+        kind=measured[0].kind,
+        calls=len(measured),
+        errors=tally.errors,
+        cpu_s_by_process={name: after.cpu_s[name] - before.cpu_s[name] for name in processes},
+        wall_s=tally.wall_s,
+        settled=before.settled and after.settled,
+        settle_s=after.waited_s,
+        idle_cpu_s_per_s=(before.quiet_cpu_s + after.quiet_cpu_s) / quiet_s if quiet_s else None,
+        warmup_calls=len(warmup),
+        warmup_errors=warm.errors,
+        error_reasons=tally.error_reasons,
+        items_per_call=tally.items / len(measured) if tally.answers_with_items == len(measured) else None,
+    )
+
+
+@dataclass
+class _Tally:
+    """What a series of calls returned."""
+
+    errors: int = 0
+    wall_s: float = 0.0
+    items: int = 0
+    answers_with_items: int = 0
+    error_reasons: dict[str, int] = field(default_factory=dict)
+
+    def fail(self, reason: str) -> None:
+        """Count one call that did not get a 2xx answer."""
+        self.errors += 1
+        self.error_reasons[reason] = self.error_reasons.get(reason, 0) + 1
+
+
+class _Caller:
+    """Sends requests one at a time over one keep-alive session and checks their answers."""
+
+    def __init__(self, base_url: str, session: aiohttp.ClientSession) -> None:
+        self._base = base_url.rstrip("/")
+        self._session = session
+
+    async def send(self, request: Request, tally: _Tally) -> None:
+        """Send `request`, read its whole answer, and add its time and outcome to `tally`."""
+        start = time.perf_counter()
+        try:
+            async with self._session.request(
+                request.method,
+                URL(self._base + request.path, encoded=True),
+                data=request.body,
+                headers=request.headers,
+            ) as response:
+                body = await response.read()
+                status = response.status
+        except TimeoutError:
+            tally.fail("timeout")
+            return
+        except (aiohttp.ClientError, OSError) as error:
+            tally.fail(type(error).__name__)
+            return
+        finally:
+            tally.wall_s += time.perf_counter() - start
+        if not 200 <= status < 300:
+            tally.fail(str(status))
+            return
+        items = _item_count(body)
+        if items is not None:
+            tally.items += items
+            tally.answers_with_items += 1
+
+
+def _item_count(body: bytes) -> int | None:
+    """How many entries the answer's `items` list holds, if it has one."""
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    items = answer.get("items") if isinstance(answer, dict) else None
+    return len(items) if isinstance(items, list) else None
+
+
+def _cpu_s(processes: Mapping[str, psutil.Process]) -> dict[str, float]:
+    readings = {}
+    for name, process in processes.items():
+        times = process.cpu_times()
+        readings[name] = float(times.user + times.system)
+    return readings
+
+
+@dataclass
+class _Idle:
+    """The outcome of waiting until the system was idle."""
+
+    settled: bool
+    waited_s: float
+    cpu_s: dict[str, float]
+    quiet_s: float = 0.0
+    quiet_cpu_s: float = 0.0
+
+
+async def _wait_until_idle(processes: Mapping[str, psutil.Process]) -> _Idle:
+    """Poll until no process's CPU time has grown by more than a clock tick for `QUIET_S`.
+
+    Gives up after `SETTLE_DEADLINE_S`. `waited_s` leaves out the quiet stretch itself, `cpu_s`
+    is the reading at its end, and `quiet_cpu_s` what all processes spent during it.
+    """
+    start = time.monotonic()
+    quiet_since, quiet_from = start, _cpu_s(processes)
+    while True:
+        await asyncio.sleep(POLL_S)
+        now, readings = time.monotonic(), _cpu_s(processes)
+        if any(readings[name] - quiet_from[name] > 1.5 * CLOCK_TICK_S for name in processes):
+            quiet_since, quiet_from = now, readings
+        elif now - quiet_since >= QUIET_S:
+            quiet_cpu_s = sum(readings[name] - quiet_from[name] for name in processes)
+            return _Idle(True, quiet_since - start, readings, now - quiet_since, quiet_cpu_s)
+        if now - start >= SETTLE_DEADLINE_S:
+            return _Idle(False, now - start, readings)
