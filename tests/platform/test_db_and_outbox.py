@@ -16,11 +16,12 @@ from threadline.platform.clock import utcnow
 from threadline.platform.db import (
     Database,
     Migrations,
+    PagedQuery,
     Transaction,
     UtcDateTime,
+    insert_ignoring_conflicts,
     outbox_table,
     page_of,
-    paged,
     processed_events_table,
 )
 from threadline.platform.events import Event, EventHandler, EventPayload, InProcessBus
@@ -308,6 +309,28 @@ async def test_a_write_cancelled_while_committing_leaves_the_database_usable(db:
     assert await count(db, notes_table) == len(stored) + 1
 
 
+async def test_insert_ignoring_conflicts_tells_apart_same_named_tables_of_two_services(
+    tmp_path: Path, db: Database
+) -> None:
+    """Two services' tables called `notes` with different columns each get their own statement."""
+    other_metadata = sa.MetaData()
+    other_notes = sa.Table("notes", other_metadata, sa.Column("key", sa.String(10), primary_key=True))
+    other = Database(f"sqlite:///{tmp_path / 'other.db'}")
+    await other.open([])
+    try:
+        async with other.write() as conn:
+            await conn.execute(sa.text("CREATE TABLE notes (key VARCHAR(10) PRIMARY KEY)"))
+        for _ in range(2):
+            async with db.write() as conn:
+                await insert_ignoring_conflicts(conn, notes_table, {"id": new_id(), "body": "mine"})
+            async with other.write() as conn:
+                await insert_ignoring_conflicts(conn, other_notes, {"key": "theirs"})
+        assert await count(db, notes_table) == 2
+        assert await count(other, other_notes) == 1
+    finally:
+        await other.close()
+
+
 async def test_claim_event_admits_each_event_once_per_consumer(db: Database) -> None:
     """The first claim of (consumer, event) is True, a repeat False, another consumer True."""
     results = []
@@ -516,11 +539,15 @@ async def test_utc_datetime_keeps_the_instant_of_an_aware_non_utc_time(db: Datab
     assert value == datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
 
 
+NOTES_BY_BODY = PagedQuery(
+    sa.select(notes_table.c.id).where(notes_table.c.body == sa.bindparam("body")), notes_table.c.id
+)
+
+
 async def read_page(db: Database, page: PageRequest) -> tuple[list[str], str | None]:
     async with db.read() as conn:
-        rows = (await conn.execute(paged(sa.select(notes_table.c.id), notes_table.c.id, page))).all()
-    ids, cursor = page_of(rows, page, lambda row: str(row.id))
-    return [str(row.id) for row in ids], cursor
+        rows, cursor = await NOTES_BY_BODY.page(conn, page, body="x")
+    return [str(row.id) for row in rows], cursor
 
 
 async def insert_ids(db: Database, count_: int) -> list[str]:
@@ -536,6 +563,8 @@ async def insert_ids(db: Database, count_: int) -> list[str]:
 async def test_paging_walks_every_row_newest_first_exactly_once(db: Database, total: int, limit: int) -> None:
     """Following cursors yields each row once, newest first, in pages of `limit`; the last has no cursor."""
     ids = await insert_ids(db, total)
+    async with db.write() as conn:
+        await conn.execute(notes_table.insert().values(id=new_id(), body="not this query's"))
     newest_first = sorted(ids, reverse=True)
     pages: list[list[str]] = []
     cursor: str | None = None

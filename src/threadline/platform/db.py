@@ -32,13 +32,14 @@ __all__ = [
     "Connection",
     "Database",
     "Migrations",
+    "PagedQuery",
     "SqlStore",
     "Transaction",
     "UtcDateTime",
     "insert_ignoring_conflicts",
+    "insert_many_ignoring_conflicts",
     "outbox_table",
     "page_of",
-    "paged",
     "processed_events_table",
 ]
 
@@ -444,9 +445,8 @@ class Transaction:
         event = Event.of(self.source, payload)
         self.conn.events_emitted += 1
         await self.conn.execute(
-            outbox_table.insert().values(
-                event_id=event.id, type=event.type, body=event.to_json(), created_at=utcnow()
-            )
+            _OUTBOX_INSERT,
+            {"event_id": event.id, "type": event.type, "body": event.to_json(), "created_at": utcnow()},
         )
         return event
 
@@ -483,27 +483,68 @@ class SqlStore(Generic[TransactionT]):
             yield self._transaction(conn, self._source)
 
 
+_OUTBOX_INSERT = outbox_table.insert()
+_INSERTS_IGNORING_CONFLICTS: dict[tuple[str, sa.Table], sa.Insert] = {}
+
+
+def _insert_ignoring_conflicts(conn: Connection, table: sa.Table) -> sa.Insert:
+    # Built once per table: building a statement per call cost more CPU than running it.
+    # Keyed by the table itself: two services may each have a table of the same name.
+    key = (conn.dialect.name, table)
+    stmt = _INSERTS_IGNORING_CONFLICTS.get(key)
+    if stmt is None:
+        dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        stmt = _INSERTS_IGNORING_CONFLICTS[key] = dialect_insert(table).on_conflict_do_nothing()
+    return stmt
+
+
 async def insert_ignoring_conflicts(conn: Connection, table: sa.Table, values: dict[str, Any]) -> bool:
     """Insert a row unless it clashes with a unique key; True if it was inserted."""
-    if conn.dialect.name == "postgresql":
-        stmt: Any = postgresql.insert(table).on_conflict_do_nothing()
-    else:
-        stmt = sqlite.insert(table).on_conflict_do_nothing()
-    result = await conn.execute(stmt.values(**values))
+    result = await conn.execute(_insert_ignoring_conflicts(conn, table), values)
     return bool(result.rowcount == 1)
 
 
-def paged(stmt: sa.Select[Any], id_column: sa.ColumnElement[str], page: PageRequest) -> sa.Select[Any]:
-    """Restrict a query to one page, newest first by a time-ordered id column (one extra row)."""
-    if page.cursor is not None:
-        stmt = stmt.where(id_column < page.cursor)
-    return stmt.order_by(id_column.desc()).limit(page.limit + 1)
+async def insert_many_ignoring_conflicts(
+    conn: Connection, table: sa.Table, rows: list[dict[str, Any]]
+) -> None:
+    """Insert rows, skipping those that clash with a unique key."""
+    if rows:
+        await conn.execute(_insert_ignoring_conflicts(conn, table), rows)
+
+
+class PagedQuery:
+    """A query read a page at a time, newest first by a time-ordered id column, built once.
+
+    The statement's own parameters are bind parameters given to `page`; building the statement
+    again for each request cost more CPU than running it. The cursor is read from the row's
+    `cursor_key` column (by default the id column's own name).
+    """
+
+    def __init__(
+        self, stmt: sa.Select[Any], id_column: sa.ColumnElement[str], *, cursor_key: str | None = None
+    ) -> None:
+        self._cursor_key: str = cursor_key or str(id_column.key)
+        first = stmt.order_by(id_column.desc()).limit(sa.bindparam("page_limit", type_=sa.Integer))
+        self._first = first
+        self._after = first.where(id_column < sa.bindparam("page_cursor"))
+
+    async def page(
+        self, conn: Connection, page: PageRequest, **parameters: Any
+    ) -> tuple[list[sa.Row[Any]], str | None]:
+        """One page of rows (newest first) and the cursor of the next page, if there is one."""
+        if page.cursor is None:
+            result = await conn.execute(self._first, {**parameters, "page_limit": page.limit + 1})
+        else:
+            result = await conn.execute(
+                self._after, {**parameters, "page_limit": page.limit + 1, "page_cursor": page.cursor}
+            )
+        return page_of(result.all(), page, lambda row: str(row._mapping[self._cursor_key]))
 
 
 def page_of(
     rows: Sequence[T], page: PageRequest, cursor_of: Callable[[T], str]
 ) -> tuple[list[T], str | None]:
-    """Split the rows of a `paged` query into the page's rows and the next cursor."""
+    """Split a page query's rows (one more than the page) into the page's rows and the next cursor."""
     if len(rows) <= page.limit:
         return list(rows), None
     kept = list(rows[: page.limit])

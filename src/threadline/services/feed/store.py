@@ -4,18 +4,17 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from threadline.platform.clock import utcnow
 from threadline.platform.db import (
     Database,
     Migrations,
+    PagedQuery,
     SqlStore,
     Transaction,
     UtcDateTime,
     insert_ignoring_conflicts,
-    page_of,
-    paged,
+    insert_many_ignoring_conflicts,
 )
 from threadline.platform.pagination import PageRequest
 from threadline.services.feed.api import SERVICE
@@ -64,6 +63,18 @@ timeline_entries = sa.Table(
     sa.Column("owner_id", sa.String(36), primary_key=True),
     sa.Column("post_id", sa.String(36), primary_key=True),
     sa.Column("author_id", sa.String(36), nullable=False),
+)
+
+_TIMELINE = PagedQuery(
+    sa.select(timeline_entries.c.post_id).where(timeline_entries.c.owner_id == sa.bindparam("owner_id")),
+    timeline_entries.c.post_id,
+)
+_FOLLOWERS = sa.select(follows.c.follower_id).where(
+    follows.c.followee_id == sa.bindparam("followee_id"), follows.c.following
+)
+_COPIES_AMONG = sa.select(post_copies).where(post_copies.c.id.in_(sa.bindparam("post_ids", expanding=True)))
+_DELETED_AMONG = sa.select(deleted_posts.c.id).where(
+    deleted_posts.c.id.in_(sa.bindparam("post_ids", expanding=True))
 )
 
 
@@ -122,9 +133,7 @@ class SqlFeedTransaction(Transaction):
 
     async def followers(self, followee_id: str) -> list[str]:
         """Who currently follows `followee_id`."""
-        rows = await self.conn.execute(
-            sa.select(follows.c.follower_id).where(follows.c.followee_id == followee_id, follows.c.following)
-        )
+        rows = await self.conn.execute(_FOLLOWERS, {"followee_id": followee_id})
         return [str(follower_id) for (follower_id,) in rows]
 
     async def keep_post(self, post: PostCopy) -> None:
@@ -142,14 +151,13 @@ class SqlFeedTransaction(Transaction):
         """The stored copies among `post_ids`."""
         if not post_ids:
             return []
-        rows = await self.conn.execute(sa.select(post_copies).where(post_copies.c.id.in_(post_ids)))
-        return [_copy(row) for row in rows]
+        return [_copy(row) for row in await self.conn.execute(_COPIES_AMONG, {"post_ids": post_ids})]
 
     async def deleted_among(self, post_ids: list[str]) -> set[str]:
         """Which of `post_ids` are tombstoned."""
         if not post_ids:
             return set()
-        rows = await self.conn.execute(sa.select(deleted_posts.c.id).where(deleted_posts.c.id.in_(post_ids)))
+        rows = await self.conn.execute(_DELETED_AMONG, {"post_ids": post_ids})
         return {str(post_id) for (post_id,) in rows}
 
     async def mark_deleted(self, post_id: str) -> None:
@@ -160,13 +168,9 @@ class SqlFeedTransaction(Transaction):
 
     async def add_entries(self, entries: list[TimelineEntry]) -> None:
         """Insert timeline entries, skipping those already there."""
-        if not entries:
-            return
-        if self.conn.dialect.name == "postgresql":
-            stmt: Any = postgresql.insert(timeline_entries).on_conflict_do_nothing()
-        else:
-            stmt = sqlite.insert(timeline_entries).on_conflict_do_nothing()
-        await self.conn.execute(stmt, [entry.model_dump() for entry in entries])
+        await insert_many_ignoring_conflicts(
+            self.conn, timeline_entries, [entry.model_dump() for entry in entries]
+        )
 
     async def remove_author(self, owner_id: str, author_id: str) -> None:
         """Take an author's posts out of one timeline."""
@@ -178,10 +182,8 @@ class SqlFeedTransaction(Transaction):
 
     async def timeline(self, owner_id: str, page: PageRequest) -> tuple[list[str], str | None]:
         """A page of one timeline's post ids, newest first."""
-        stmt = sa.select(timeline_entries.c.post_id).where(timeline_entries.c.owner_id == owner_id)
-        rows = (await self.conn.execute(paged(stmt, timeline_entries.c.post_id, page))).all()
-        kept, cursor = page_of(rows, page, lambda row: str(row.post_id))
-        return [str(row.post_id) for row in kept], cursor
+        rows, cursor = await _TIMELINE.page(self.conn, page, owner_id=owner_id)
+        return [str(row.post_id) for row in rows], cursor
 
 
 class SqlFeedStore(SqlStore[SqlFeedTransaction]):

@@ -10,12 +10,11 @@ from threadline.platform.db import (
     Connection,
     Database,
     Migrations,
+    PagedQuery,
     SqlStore,
     Transaction,
     UtcDateTime,
     insert_ignoring_conflicts,
-    page_of,
-    paged,
 )
 from threadline.platform.pagination import PageRequest
 from threadline.services.payments.api import SERVICE
@@ -62,6 +61,11 @@ subscriptions = sa.Table(
     sa.Column("current_period_end", UtcDateTime, nullable=False),
     sa.Column("created_at", UtcDateTime, nullable=False),
     sa.Column("canceled_at", UtcDateTime, nullable=True),
+)
+
+_SUBSCRIPTIONS_OF = PagedQuery(
+    sa.select(subscriptions).where(subscriptions.c.subscriber_id == sa.bindparam("subscriber_id")),
+    subscriptions.c.id,
 )
 
 tips = sa.Table(
@@ -202,10 +206,8 @@ class SqlPaymentTransaction(Transaction):
         self, subscriber_id: str, page: PageRequest
     ) -> tuple[list[SubscriptionRecord], str | None]:
         """A page of a subscriber's subscriptions, newest first."""
-        stmt = sa.select(subscriptions).where(subscriptions.c.subscriber_id == subscriber_id)
-        rows = (await self.conn.execute(paged(stmt, subscriptions.c.id, page))).all()
-        kept, cursor = page_of(rows, page, lambda row: str(row.id))
-        return [_subscription(row) for row in kept], cursor
+        rows, cursor = await _SUBSCRIPTIONS_OF.page(self.conn, page, subscriber_id=subscriber_id)
+        return [_subscription(row) for row in rows], cursor
 
     async def entitled_creators(self, subscriber_id: str, creator_ids: list[str]) -> set[str]:
         """One lookup on the (subscriber_id, creator_id, status) index."""

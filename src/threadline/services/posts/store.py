@@ -9,12 +9,11 @@ from threadline.platform.clock import utcnow
 from threadline.platform.db import (
     Database,
     Migrations,
+    PagedQuery,
     SqlStore,
     Transaction,
     UtcDateTime,
     insert_ignoring_conflicts,
-    page_of,
-    paged,
 )
 from threadline.platform.pagination import PageRequest
 from threadline.services.posts.api import SERVICE, AuthorPublic
@@ -61,6 +60,19 @@ authors = sa.Table(
 _POST_WITH_AUTHOR = sa.select(
     posts, authors.c.handle, authors.c.display_name, (posts.c.deleted_at.is_not(None)).label("deleted")
 ).join(authors, authors.c.id == posts.c.author_id)
+_POST_BY_ID = _POST_WITH_AUTHOR.where(posts.c.id == sa.bindparam("post_id"))
+_LIVE_POSTS_AMONG = _POST_WITH_AUTHOR.where(
+    posts.c.id.in_(sa.bindparam("post_ids", expanding=True)), posts.c.deleted_at.is_(None)
+)
+_LIVE_POSTS_BY_AUTHOR = PagedQuery(
+    _POST_WITH_AUTHOR.where(posts.c.author_id == sa.bindparam("author_id"), posts.c.deleted_at.is_(None)),
+    posts.c.id,
+)
+_LIKED_AMONG = sa.select(likes.c.post_id).where(
+    likes.c.user_id == sa.bindparam("user_id"), likes.c.post_id.in_(sa.bindparam("post_ids", expanding=True))
+)
+_AUTHOR_BY_ID = sa.select(authors).where(authors.c.id == sa.bindparam("author_id"))
+_INSERT_POST = posts.insert()
 
 
 def _record(row: sa.Row[Any]) -> PostRecord:
@@ -84,29 +96,29 @@ class SqlPostTransaction(Transaction):
 
     async def post(self, post_id: str) -> PostRecord | None:
         """One post, deleted or not."""
-        row = (await self.conn.execute(_POST_WITH_AUTHOR.where(posts.c.id == post_id))).first()
+        row = (await self.conn.execute(_POST_BY_ID, {"post_id": post_id})).first()
         return None if row is None else _record(row)
 
     async def live_posts(self, post_ids: list[str]) -> list[PostRecord]:
         """The live posts among `post_ids`."""
         if not post_ids:
             return []
-        stmt = _POST_WITH_AUTHOR.where(posts.c.id.in_(post_ids), posts.c.deleted_at.is_(None))
-        return [_record(row) for row in await self.conn.execute(stmt)]
+        return [_record(row) for row in await self.conn.execute(_LIVE_POSTS_AMONG, {"post_ids": post_ids})]
 
     async def posts_by_author(self, author_id: str, page: PageRequest) -> tuple[list[PostRecord], str | None]:
         """A page of an author's live posts."""
-        stmt = _POST_WITH_AUTHOR.where(posts.c.author_id == author_id, posts.c.deleted_at.is_(None))
-        rows = (await self.conn.execute(paged(stmt, posts.c.id, page))).all()
-        kept, cursor = page_of(rows, page, lambda row: str(row.id))
-        return [_record(row) for row in kept], cursor
+        rows, cursor = await _LIVE_POSTS_BY_AUTHOR.page(self.conn, page, author_id=author_id)
+        return [_record(row) for row in rows], cursor
 
     async def insert_post(self, post: PostRecord) -> None:
         """Store a new post."""
         await self.conn.execute(
-            posts.insert().values(
-                **post.model_dump(exclude={"author", "deleted"}), author_id=post.author.id, deleted_at=None
-            )
+            _INSERT_POST,
+            {
+                **post.model_dump(exclude={"author", "deleted"}),
+                "author_id": post.author.id,
+                "deleted_at": None,
+            },
         )
 
     async def mark_deleted(self, post_id: str) -> None:
@@ -140,14 +152,12 @@ class SqlPostTransaction(Transaction):
 
     async def liked_among(self, post_ids: list[str], user_id: str) -> set[str]:
         """Which of `post_ids` `user_id` has liked."""
-        rows = await self.conn.execute(
-            sa.select(likes.c.post_id).where(likes.c.user_id == user_id, likes.c.post_id.in_(post_ids))
-        )
+        rows = await self.conn.execute(_LIKED_AMONG, {"user_id": user_id, "post_ids": post_ids})
         return {str(post_id) for (post_id,) in rows}
 
     async def author(self, author_id: str) -> AuthorSnapshot | None:
         """The stored snapshot of an author."""
-        row = (await self.conn.execute(sa.select(authors).where(authors.c.id == author_id))).first()
+        row = (await self.conn.execute(_AUTHOR_BY_ID, {"author_id": author_id})).first()
         return None if row is None else AuthorSnapshot.model_validate(dict(row._mapping))
 
     async def save_author(self, author: AuthorSnapshot) -> None:

@@ -1,7 +1,6 @@
 """The users service's tables and queries; migrations live beside it in `migrations/`."""
 
 from pathlib import Path
-from typing import Any
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
@@ -12,12 +11,11 @@ from threadline.platform.db import (
     Connection,
     Database,
     Migrations,
+    PagedQuery,
     SqlStore,
     Transaction,
     UtcDateTime,
     insert_ignoring_conflicts,
-    page_of,
-    paged,
 )
 from threadline.platform.ids import new_id
 from threadline.platform.pagination import Page, PageRequest
@@ -64,6 +62,17 @@ signing_keys = sa.Table(
 )
 
 _PUBLIC_COLUMNS = [c for c in users.c if c.name not in ("password_hash", "version")]
+
+
+def _follow_page_query(user_column: sa.Column[str], other: sa.Column[str]) -> PagedQuery:
+    stmt = sa.select(follows.c.id.label("follow_id"), *_PUBLIC_COLUMNS).join(users, users.c.id == other)
+    return PagedQuery(
+        stmt.where(user_column == sa.bindparam("user_id")), follows.c.id, cursor_key="follow_id"
+    )
+
+
+_FOLLOWERS = _follow_page_query(follows.c.followee_id, follows.c.follower_id)
+_FOLLOWING = _follow_page_query(follows.c.follower_id, follows.c.followee_id)
 
 
 class SigningKeyUnreadable(RuntimeError):
@@ -119,20 +128,16 @@ class SqlUserTransaction(Transaction):
 
     async def followers(self, user_id: str, page: PageRequest) -> Page[UserPublic]:
         """Accounts following `user_id`."""
-        return await self._follow_page(follows.c.followee_id == user_id, follows.c.follower_id, page)
+        return await self._follow_page(_FOLLOWERS, user_id, page)
 
     async def following(self, user_id: str, page: PageRequest) -> Page[UserPublic]:
         """Accounts `user_id` follows."""
-        return await self._follow_page(follows.c.follower_id == user_id, follows.c.followee_id, page)
+        return await self._follow_page(_FOLLOWING, user_id, page)
 
-    async def _follow_page(
-        self, where: sa.ColumnElement[bool], other: sa.Column[Any], page: PageRequest
-    ) -> Page[UserPublic]:
-        stmt = sa.select(follows.c.id.label("follow_id"), *_PUBLIC_COLUMNS).join(users, users.c.id == other)
-        rows = (await self.conn.execute(paged(stmt.where(where), follows.c.id, page))).all()
-        kept, cursor = page_of(rows, page, lambda row: str(row.follow_id))
+    async def _follow_page(self, query: PagedQuery, user_id: str, page: PageRequest) -> Page[UserPublic]:
+        rows, cursor = await query.page(self.conn, page, user_id=user_id)
         return Page(
-            items=[UserPublic.model_validate(row._mapping, from_attributes=False) for row in kept],
+            items=[UserPublic.model_validate(row._mapping, from_attributes=False) for row in rows],
             next_cursor=cursor,
         )
 
