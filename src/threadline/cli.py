@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
         help="measure both topologies side by side with the same workload",
         description="Start each topology on a fresh data directory, seed it through the API, offer the "
         "social mix at rising fixed rates (open loop), and report throughput, latency, CPU and memory, "
-        "then the CPU of one operation of each kind; then time one service-to-service call every way. "
+        "then the CPU of one operation of each kind, then (with --scale-posts) feed reads before and after "
+        "bulk-loading the data set to that many posts; then time one service-to-service call every way. "
         "Writes latest.json and latency.png.",
     )
     bench.add_argument("--users", type=_positive, default=1000, help="accounts to seed (default 1000)")
@@ -106,6 +107,18 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--op-calls", type=int, default=500, help="calls per operation kind for CPU per operation (0 skips)"
     )
+    bench.add_argument(
+        "--scale-posts",
+        type=_count,
+        default=0,
+        help="bulk-load each topology to this many posts and compare its feed reads (default 0: skip)",
+    )
+    bench.add_argument(
+        "--scale-calls",
+        type=_positive,
+        default=1000,
+        help="sequential feed reads at each size (default 1000)",
+    )
     bench.add_argument("--out", type=Path, default=Path("bench/results"), help="where to write results")
     bench.set_defaults(command=_bench)
     return parser
@@ -118,6 +131,16 @@ def _positive(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (0 or more)")
     return value
 
 
@@ -144,6 +167,8 @@ def _bench(args: argparse.Namespace) -> int:
         thread_reads=args.thread_reads,
         micro_calls=args.micro_calls,
         op_calls=args.op_calls,
+        scale_posts=args.scale_posts,
+        scale_calls=args.scale_calls,
         out_dir=args.out,
     )
     if args.rates is not None:

@@ -5,7 +5,7 @@ import threading
 import time
 import uuid
 
-from threadline.platform.ids import new_id
+from threadline.platform.ids import id_at, new_id
 
 COUNT = 10_000
 
@@ -55,3 +55,16 @@ def test_new_ids_made_on_many_threads_are_unique_and_increasing_per_thread() -> 
     for ids in results.values():
         assert ids == sorted(ids)
         assert len(set(ids)) == len(ids)
+
+
+def test_id_at_carries_the_given_instant_and_sorts_by_it() -> None:
+    """An id made for a past instant is a UUIDv7 of that millisecond; later instants sort after it."""
+    instants = [1_600_000_000_000 + step * 7 for step in range(100)]
+    ids = [id_at(ms) for ms in instants]
+    for ms, text in zip(instants, ids, strict=True):
+        value = uuid.UUID(text)
+        assert value.version == 7
+        assert value.variant == uuid.RFC_4122
+        assert value.int >> 80 == ms
+    assert ids == sorted(ids)
+    assert max(ids) < new_id()

@@ -8,7 +8,8 @@ service), and the peak resident memory of each process. The highest rate whose p
 the bound, with under 1% errors and at least 95% of the offered rate completed, is the max
 sustainable throughput. Then, on the same running system, it measures the CPU cost of one
 operation of each kind in the mix (`threadline.bench.opcost`), against the targets stated per
-operation.
+operation. Last, if asked, it grows the data set by bulk loading and measures feed reads at both
+sizes (`threadline.bench.scale`); that changes the data, so nothing of that topology follows it.
 """
 
 import io
@@ -16,6 +17,7 @@ import json
 import platform
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +29,7 @@ import uvloop
 
 from threadline.bench.loadgen import LoadResult, run_open_loop
 from threadline.bench.opcost import TARGET_CPU_MS_PER_CALL, OperationCost, measure_operation_costs
+from threadline.bench.scale import FEED_CALLS, ScaleReport, measure_at_scale
 from threadline.bench.workload import PAGE as PAGE_SIZE
 from threadline.bench.workload import Dataset, seed, social_mix
 from threadline.platform.settings import Settings
@@ -54,6 +57,8 @@ class BenchConfig:
     out_dir: Path = Path("bench/results")
     micro_calls: int = 5000
     op_calls: int = 500
+    scale_posts: int = 0
+    scale_calls: int = FEED_CALLS
     host: str = "127.0.0.1"
 
 
@@ -105,6 +110,8 @@ class TopologyReport:
     steps: list[RateStep]
     p99_bound_ms: float
     operation_cost: dict[str, OperationCost] = field(default_factory=dict)
+    scale: ScaleReport | None = None
+    phase_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def max_sustainable_rate(self) -> float:
@@ -121,6 +128,8 @@ class TopologyReport:
             "max_sustainable_rate": self.max_sustainable_rate,
             "steps": [step.to_dict() for step in self.steps],
             "operation_cost": {kind: cost.to_dict() for kind, cost in self.operation_cost.items()},
+            "scale": None if self.scale is None else self.scale.to_dict(),
+            "phase_s": {phase: round(seconds, 1) for phase, seconds in self.phase_s.items()},
         }
 
 
@@ -145,6 +154,8 @@ def run_bench(config: BenchConfig, progress: Progress = print) -> dict[str, Any]
             "thread_reads": config.thread_reads,
             "seed": config.seed,
             "op_calls": config.op_calls,
+            "scale_posts": config.scale_posts,
+            "scale_calls": config.scale_calls,
         },
         "operation_cost_targets_ms": TARGET_CPU_MS_PER_CALL,
         "topologies": [report.to_dict() for report in reports],
@@ -168,15 +179,19 @@ def _bench_topology(name: str, config: BenchConfig, progress: Progress) -> Topol
     settings = Settings(
         data_dir=data_dir, topology=name, port=0, host=config.host, access_token_ttl_seconds=86_400
     )
+    phase_s: dict[str, float] = {}
     try:
         with running(parse_topology(name, SERVICES), settings, out=_ProgressWriter(progress)) as runner:
             url = runner.gateway_url
             progress(f"==> {name}: seeding {config.users} users, {config.posts} posts at {url}")
+            began = time.monotonic()
             dataset = uvloop.run(
                 seed(url, users=config.users, posts=config.posts, seed=config.seed, progress=progress)
             )
+            phase_s["seed"] = time.monotonic() - began
             source = social_mix(dataset, thread_reads=config.thread_reads)
             progress(f"==> {name}: warming up for {config.warmup_s:.0f} s")
+            began = time.monotonic()
             uvloop.run(run_open_loop(url, source, rate=config.rates[0], duration_s=config.warmup_s))
             steps: list[RateStep] = []
             for rate in config.rates:
@@ -191,9 +206,11 @@ def _bench_topology(name: str, config: BenchConfig, progress: Progress) -> Topol
                 if not step.sustainable(config.p99_bound_ms):
                     progress(f"    {name}: not sustainable at {rate:.0f}/s; stopping here")
                     break
+            phase_s["rates"] = time.monotonic() - began
             operation_cost: dict[str, OperationCost] = {}
             if config.op_calls > 0:
                 progress(f"==> {name}: CPU per operation, {config.op_calls} sequential calls of each kind")
+                began = time.monotonic()
                 operation_cost = uvloop.run(
                     measure_operation_costs(
                         url,
@@ -205,6 +222,27 @@ def _bench_topology(name: str, config: BenchConfig, progress: Progress) -> Topol
                         label=name,
                     )
                 )
+                phase_s["operation_cost"] = time.monotonic() - began
+            scale: ScaleReport | None = None
+            if config.scale_posts > 0:
+                # Last: it grows the data set for good.
+                progress(
+                    f"==> {name}: feed reads as seeded, then bulk-loaded to {config.scale_posts:,} posts"
+                )
+                began = time.monotonic()
+                scale = uvloop.run(
+                    measure_at_scale(
+                        url,
+                        settings,
+                        dataset,
+                        target_posts=config.scale_posts,
+                        calls=config.scale_calls,
+                        seed=config.seed,
+                        progress=progress,
+                        label=name,
+                    )
+                )
+                phase_s["scale"] = time.monotonic() - began
             return TopologyReport(
                 topology=name,
                 processes=[p.spec.name for p in runner.processes],
@@ -212,6 +250,8 @@ def _bench_topology(name: str, config: BenchConfig, progress: Progress) -> Topol
                 steps=steps,
                 p99_bound_ms=config.p99_bound_ms,
                 operation_cost=operation_cost,
+                scale=scale,
+                phase_s=phase_s,
             )
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -288,6 +328,7 @@ def render_table(result: dict[str, Any]) -> str:
             lines.append("  cpu ms/req by process: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
         targets = result.get("operation_cost_targets_ms", {}).get(topo["topology"], {})
         lines += _operation_cost_lines(topo.get("operation_cost", {}), targets)
+        lines += _scale_lines(topo.get("scale"))
         lines.append("")
     rates = {t["topology"]: t["max_sustainable_rate"] for t in result["topologies"]}
     if rates.get("monolith") and "microservices" in rates:
@@ -345,6 +386,45 @@ def _operation_cost_lines(costs: dict[str, Any], targets: dict[str, float]) -> l
                 f"the target is for {PAGE_SIZE}"
             )
     return lines
+
+
+def _scale_lines(scale: dict[str, Any] | None) -> list[str]:
+    """Feed reads as seeded and at the bulk-loaded size, against the target ratio."""
+    if not scale:
+        return []
+    base, scaled = scale["feed_ms_base"], scale["feed_ms_scaled"]
+    sizes = f"{scale['base_posts']:,} posts ({scale['db_mb_base']['total']:,.0f} MiB)"
+    if scale["skipped"] or scaled is None:
+        return [
+            f"  feed at scale: p50 {_or_dash(base['p50'])} ms at {sizes}; "
+            f"{scale['target_posts']:,} posts skipped: {scale['skipped']}"
+        ]
+    verdict = {True: "met", False: "NOT met", None: "not measured"}[scale["met"]]
+    errors = base["errors"] + scaled["errors"]
+    lines = [
+        f"  feed at scale: p50 {_or_dash(base['p50'])} ms at {sizes} -> {_or_dash(scaled['p50'])} ms at "
+        f"{scale['scaled_posts']:,} posts ({scale['db_mb']['total']:,.0f} MiB): "
+        f"{_or_dash(scale['ratio'], '.2f')}x, target <= {scale['target_ratio']:g}x: {verdict}"
+        + (f" ({errors} errors)" if errors else ""),
+        f"    p99 {_or_dash(base['p99'])} -> {_or_dash(scaled['p99'])} ms over {scaled['calls']} sequential "
+        f"reads each; timeline rows {scale['timeline_rows_base']:,} -> {scale['timeline_rows']:,}; "
+        f"first page unchanged in {scale['first_pages_unchanged']} reads",
+        f"    {scale['bulk_posts']:,} posts bulk-loaded in {scale['load_s']:.0f} s "
+        f"({scale['load_timeline_rows_per_s'] or 0:,} timeline rows/s)",
+    ]
+    if scale["stopped"]:
+        lines.append(f"    note: {scale['stopped']}")
+    items_base, items_scaled = base["items_per_call"], scaled["items_per_call"]
+    if items_base != items_scaled:
+        lines.append(
+            f"    note: pages held {_or_dash(items_base, '.1f')} posts on average as seeded and "
+            f"{_or_dash(items_scaled, '.1f')} at scale, so the p50s are of unequal pages"
+        )
+    return lines
+
+
+def _or_dash(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _verdict(kind: str, cost: dict[str, Any], targets: dict[str, float]) -> str:

@@ -5,7 +5,7 @@ import threading
 import time
 import uuid
 
-__all__ = ["new_id"]
+__all__ = ["id_at", "new_id"]
 
 _lock = threading.Lock()
 _last_ms = 0
@@ -27,6 +27,15 @@ def new_id() -> str:
                 _last_ms += 1
                 _counter = 0
         ms, seq = _last_ms, _counter
+    return _uuid7(ms, seq)
+
+
+def id_at(ms: int) -> str:
+    """A UUIDv7 of an instant given in ms since the epoch (for data dated in the past, e.g. bulk loads)."""
+    return _uuid7(ms, int.from_bytes(os.urandom(2), "big") & 0xFFF)
+
+
+def _uuid7(ms: int, seq: int) -> str:
     tail = int.from_bytes(os.urandom(8), "big") & 0x3FFF_FFFF_FFFF_FFFF
     value = (ms << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | tail
     return str(uuid.UUID(int=value))
