@@ -25,10 +25,11 @@ async def api(system: System) -> AsyncIterator[Api]:
 
 
 async def test_users_down_leaves_posting_and_reading_working(system: System, api: Api) -> None:
-    """Tokens verify from cached keys; posts work; users' own routes are 503 naming users."""
+    """Tokens verify from cached keys; posts and known authors' pages work; users' own routes are 503."""
     alice, token = await api.sign_up("alice")
     first = await api.call("POST", "/api/v1/posts", json={"text": "while all is well"}, token=token)
     assert first.status == 201
+    assert (await api.call("GET", f"/api/v1/users/{alice['handle']}/posts")).status == 200
 
     users = next(p for p in system.runner.processes if p.spec.name == "users")
     users.popen.send_signal(signal.SIGKILL)
@@ -44,10 +45,14 @@ async def test_users_down_leaves_posting_and_reading_working(system: System, api
     read = await api.call("GET", f"/api/v1/posts/{first.body['id']}", token=token)
     assert (read.status, read.body["reply_count"]) == (200, 1)
     assert (await api.call("PUT", f"/api/v1/posts/{first.body['id']}/like", token=token)).status == 204
+    page = await api.call("GET", f"/api/v1/users/{alice['handle']}/posts")
+    assert page.status == 200, page
+    assert {post["id"] for post in page.body["items"]} >= {first.body["id"], second.body["id"]}
 
     for method, path, body in (
         ("GET", "/api/v1/me", None),
         ("GET", f"/api/v1/users/{alice['handle']}", None),
+        ("GET", "/api/v1/users/never_looked_up/posts", None),
         ("POST", "/api/v1/sessions", {"handle": alice["handle"], "password": "a good password"}),
     ):
         reply = await api.call(method, path, json=body, token=token)

@@ -1,5 +1,6 @@
 """The public API (API.md) over the services' Protocols, whichever adapter implements them."""
 
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -31,7 +32,7 @@ from threadline.services.users.api import (
     UsersApi,
 )
 
-__all__ = ["ServiceState", "ServiceStatus", "StatusAnswer", "build_router"]
+__all__ = ["AccountIds", "ServiceState", "ServiceStatus", "StatusAnswer", "build_router"]
 
 
 class ServiceState(BaseModel):
@@ -54,6 +55,33 @@ ServiceStatus = Callable[[], Awaitable[dict[str, ServiceState]]]
 IdempotencyHeader = Annotated[IdempotencyKey, Header(alias="Idempotency-Key")]
 
 
+class AccountIds:
+    """Account ids by handle, remembered (most recently used kept).
+
+    A handle never changes owner (it cannot be edited and accounts are not deleted), so an entry
+    never goes stale. Author pages, subscriptions and tips then skip a call to users, and keep
+    working for known handles while users is down. Unknown handles are not remembered: one may
+    be registered at any time.
+    """
+
+    def __init__(self, users: UsersApi, *, size: int = 100_000) -> None:
+        self._users = users
+        self._size = size
+        self._ids: OrderedDict[str, str] = OrderedDict()
+
+    async def id_of(self, handle: str) -> str:
+        """The id of the account with `handle`; raises users' not-found or unavailable errors."""
+        known = self._ids.get(handle)
+        if known is not None:
+            self._ids.move_to_end(handle)
+            return known
+        account_id = (await self._users.get_by_handle(handle)).id
+        self._ids[handle] = account_id
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+        return account_id
+
+
 def build_router(
     *,
     users: UsersApi,
@@ -66,10 +94,10 @@ def build_router(
 ) -> APIRouter:
     """The /api/v1 routes."""
     router = APIRouter(prefix="/api/v1")
+    account_ids = AccountIds(users)
 
     async def party(handle: str) -> Party:
-        user = await users.get_by_handle(handle)
-        return Party(id=user.id, handle=user.handle)
+        return Party(id=await account_ids.id_of(handle), handle=handle)
 
     @router.post("/users", status_code=201)
     async def register(data: UserCreate) -> UserPublic:
@@ -111,8 +139,7 @@ def build_router(
 
     @router.get("/users/{handle}/posts")
     async def posts_by_author(viewer: Viewer, handle: str, page: Paging) -> PostPage:
-        author = await users.get_by_handle(handle)
-        return await posts.posts_by_author(author.id, page, viewer)
+        return await posts.posts_by_author(await account_ids.id_of(handle), page, viewer)
 
     @router.post("/posts", status_code=201)
     async def create_post(identity: Caller, data: PostCreate) -> PostPublic:
