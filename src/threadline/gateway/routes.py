@@ -1,12 +1,12 @@
 """The public API (API.md) over the services' Protocols, whichever adapter implements them."""
 
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel
 
+from threadline.platform.lru import LruCache
 from threadline.platform.pagination import Page, Paging
 from threadline.platform.web import Caller, Viewer
 from threadline.services.feed.api import FeedApi, FeedPage
@@ -66,19 +66,15 @@ class AccountIds:
 
     def __init__(self, users: UsersApi, *, size: int = 100_000) -> None:
         self._users = users
-        self._size = size
-        self._ids: OrderedDict[str, str] = OrderedDict()
+        self._ids: LruCache[str, str] = LruCache(size)
 
     async def id_of(self, handle: str) -> str:
         """The id of the account with `handle`; raises users' not-found or unavailable errors."""
         known = self._ids.get(handle)
         if known is not None:
-            self._ids.move_to_end(handle)
             return known
         account_id = (await self._users.get_by_handle(handle)).id
-        self._ids[handle] = account_id
-        if len(self._ids) > self._size:
-            self._ids.popitem(last=False)
+        self._ids.put(handle, account_id)
         return account_id
 
 

@@ -361,7 +361,7 @@ class Database:
     """One service's database: serialized write transactions, concurrent snapshot reads, commit hooks.
 
     `sqlite:///path` runs SQLite through the standard driver on the event loop's thread (see
-    `_SqliteOnLoop`: measured ~3x less CPU per request than aiosqlite, whose thread hand-off per
+    `_SqliteOnLoop`: a feed read took 2.4x less CPU than through aiosqlite, whose thread hand-off per
     statement dominated a request); any SQLAlchemy asyncio URL goes through its async driver.
     """
 

@@ -2,7 +2,6 @@
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt.algorithms import OKPAlgorithm
 
 from threadline.platform.errors import ServiceUnavailable, Unauthorized
+from threadline.platform.lru import LruCache
 
 __all__ = [
     "TOKEN_ALGORITHM",
@@ -84,8 +84,7 @@ class TokenVerifier:
         self._keys: dict[str, Any] = {}
         self._fetched_at = -float("inf")
         self._lock = asyncio.Lock()
-        self._remembered_tokens = remembered_tokens
-        self._verified: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
+        self._verified: LruCache[str, tuple[Identity, float]] = LruCache(remembered_tokens)
 
     async def verify(self, token: str) -> Identity:
         """Return the identity a token proves, or raise Unauthorized."""
@@ -93,13 +92,10 @@ class TokenVerifier:
         if remembered is not None:
             identity, expires_at = remembered
             if time.time() < expires_at:
-                self._verified.move_to_end(token)
                 return identity
-            del self._verified[token]
+            self._verified.forget(token)
         identity, expires_at = await self._verify_signed(token)
-        self._verified[token] = (identity, expires_at)
-        if len(self._verified) > self._remembered_tokens:
-            self._verified.popitem(last=False)
+        self._verified.put(token, (identity, expires_at))
         return identity
 
     async def _verify_signed(self, token: str) -> tuple[Identity, float]:
