@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-__all__ = ["LoadResult", "Request", "RequestSource", "run_open_loop"]
+__all__ = ["LoadResult", "Request", "RequestSource", "nearest_rank", "rounded_ms", "run_open_loop"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Request:
 RequestSource = Callable[[random.Random], Request]
 
 
-def _nearest_rank(ordered: list[float], p: float) -> float:
+def nearest_rank(ordered: list[float], p: float) -> float:
     """The nearest-rank `p`th percentile of an already sorted list; nan if it is empty."""
     if not ordered:
         return math.nan
@@ -43,7 +43,7 @@ def _nearest_rank(ordered: list[float], p: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
-def _ms(value: float) -> float | None:
+def rounded_ms(value: float) -> float | None:
     """Milliseconds rounded for a report; None for nan, which JSON cannot carry."""
     return None if math.isnan(value) else round(value, 3)
 
@@ -69,7 +69,7 @@ class LoadResult:
 
     def percentile(self, p: float) -> float:
         """The nearest-rank `p`th percentile (0-100) of the latencies in ms; nan if none completed."""
-        return _nearest_rank(sorted(self.latencies_ms), p)
+        return nearest_rank(sorted(self.latencies_ms), p)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly summary: rates, counts, percentiles, per-kind percentiles, generator cost."""
@@ -79,8 +79,8 @@ class LoadResult:
             kind_ordered = sorted(values)
             kinds[kind] = {
                 "completed": len(kind_ordered),
-                "p50_ms": _ms(_nearest_rank(kind_ordered, 50)),
-                "p99_ms": _ms(_nearest_rank(kind_ordered, 99)),
+                "p50_ms": rounded_ms(nearest_rank(kind_ordered, 50)),
+                "p99_ms": rounded_ms(nearest_rank(kind_ordered, 99)),
             }
         return {
             "offered_rate": self.offered_rate,
@@ -93,10 +93,10 @@ class LoadResult:
             "dropped": self.dropped,
             "error_reasons": dict(self.error_reasons),
             "achieved_rate": round(self.achieved_rate, 3),
-            "p50_ms": _ms(_nearest_rank(ordered, 50)),
-            "p90_ms": _ms(_nearest_rank(ordered, 90)),
-            "p99_ms": _ms(_nearest_rank(ordered, 99)),
-            "max_ms": _ms(ordered[-1] if ordered else math.nan),
+            "p50_ms": rounded_ms(nearest_rank(ordered, 50)),
+            "p90_ms": rounded_ms(nearest_rank(ordered, 90)),
+            "p99_ms": rounded_ms(nearest_rank(ordered, 99)),
+            "max_ms": rounded_ms(ordered[-1] if ordered else math.nan),
             "by_kind": kinds,
             "generator_cpu_s": round(self.generator_cpu_s, 4),
             "generator_cpu_share": round(self.generator_cpu_s / self.wall_s, 4) if self.wall_s > 0 else None,

@@ -35,7 +35,9 @@ __all__ = [
     "QUIET_S",
     "SETTLE_DEADLINE_S",
     "TARGET_CPU_MS_PER_CALL",
+    "Answer",
     "OperationCost",
+    "SequentialClient",
     "measure_operation_costs",
     "requests_by_kind",
 ]
@@ -134,17 +136,12 @@ async def measure_operation_costs(
     kinds = sorted(drawn, key=lambda kind: drawn[kind][0].method != "GET")
     prefix = f"{label} " if label else ""
     costs: dict[str, OperationCost] = {}
-    timeout = aiohttp.ClientTimeout(total=10)
-    connector = aiohttp.TCPConnector(limit=1, ttl_dns_cache=None)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()
-    ) as session:
-        caller = _Caller(base_url, session)
+    async with SequentialClient(base_url) as client:
         for kind in kinds:
             progress(f"    {prefix}operation cost of {kind}: {warmup} warm-up calls, then {calls} measured")
             warmup_requests, measured_requests = drawn[kind][:warmup], drawn[kind][warmup:]
             cost = await _measure_kind(
-                caller, processes, f"{prefix}{kind}", warmup_requests, measured_requests, progress
+                client, processes, f"{prefix}{kind}", warmup_requests, measured_requests, progress
             )
             costs[kind] = cost
             unsettled = "" if cost.settled else f", NOT idle within {SETTLE_DEADLINE_S:.0f} s"
@@ -157,7 +154,7 @@ async def measure_operation_costs(
 
 
 async def _measure_kind(
-    caller: "_Caller",
+    client: "SequentialClient",
     processes: Mapping[str, psutil.Process],
     label: str,
     warmup: list[Request],
@@ -166,12 +163,12 @@ async def _measure_kind(
 ) -> OperationCost:
     warm = _Tally()
     for request in warmup:
-        await caller.send(request, warm)
+        warm.add(await client.send(request))
     before = await _wait_until_idle(processes)
     tally = _Tally()
     report_every = max(1, len(measured) // 4)
     for done, request in enumerate(measured, start=1):
-        await caller.send(request, tally)
+        tally.add(await client.send(request))
         if done % report_every == 0 and done < len(measured):
             progress(f"      {label}: {done}/{len(measured)} calls")
     after = await _wait_until_idle(processes)
@@ -207,16 +204,46 @@ class _Tally:
         self.errors += 1
         self.error_reasons[reason] = self.error_reasons.get(reason, 0) + 1
 
+    def add(self, answer: "Answer") -> None:
+        """Count one call's time and outcome."""
+        self.wall_s += answer.elapsed_s
+        if answer.failure is not None:
+            self.fail(answer.failure)
+            return
+        items = _item_count(answer.body)
+        if items is not None:
+            self.items += items
+            self.answers_with_items += 1
 
-class _Caller:
-    """Sends requests one at a time over one keep-alive session and checks their answers."""
 
-    def __init__(self, base_url: str, session: aiohttp.ClientSession) -> None:
+@dataclass(frozen=True)
+class Answer:
+    """One call's outcome: the body of a 2xx answer, or why there was none; its wall time."""
+
+    body: bytes
+    elapsed_s: float
+    failure: str | None = None
+
+
+class SequentialClient:
+    """Sends requests one at a time over one keep-alive connection, timing each to its answer's end."""
+
+    def __init__(self, base_url: str, *, timeout_s: float = 10.0) -> None:
         self._base = base_url.rstrip("/")
-        self._session = session
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1, ttl_dns_cache=None),
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
 
-    async def send(self, request: Request, tally: _Tally) -> None:
-        """Send `request`, read its whole answer, and add its time and outcome to `tally`."""
+    async def __aenter__(self) -> "SequentialClient":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._session.close()
+
+    async def send(self, request: Request) -> Answer:
+        """Send `request` and read its whole answer; a non-2xx status or a transport error is a failure."""
         start = time.perf_counter()
         try:
             async with self._session.request(
@@ -228,20 +255,11 @@ class _Caller:
                 body = await response.read()
                 status = response.status
         except TimeoutError:
-            tally.fail("timeout")
-            return
+            return Answer(b"", time.perf_counter() - start, "timeout")
         except (aiohttp.ClientError, OSError) as error:
-            tally.fail(type(error).__name__)
-            return
-        finally:
-            tally.wall_s += time.perf_counter() - start
-        if not 200 <= status < 300:
-            tally.fail(str(status))
-            return
-        items = _item_count(body)
-        if items is not None:
-            tally.items += items
-            tally.answers_with_items += 1
+            return Answer(b"", time.perf_counter() - start, type(error).__name__)
+        elapsed = time.perf_counter() - start
+        return Answer(body, elapsed, None if 200 <= status < 300 else str(status))
 
 
 def _item_count(body: bytes) -> int | None:

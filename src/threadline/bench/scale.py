@@ -42,14 +42,12 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite
-from yarl import URL
 
-from threadline.bench.loadgen import Request
-from threadline.bench.opcost import requests_by_kind
+from threadline.bench.loadgen import Request, nearest_rank, rounded_ms
+from threadline.bench.opcost import SequentialClient, requests_by_kind
 from threadline.bench.workload import Dataset, social_mix
 from threadline.platform.ids import id_at
 from threadline.platform.settings import Settings
@@ -109,18 +107,15 @@ class FeedReads:
 
     def percentile(self, p: float) -> float:
         """The nearest-rank `p`th percentile (0-100) of the successful calls' wall times, in ms."""
-        ordered = sorted(self.latencies_ms)
-        if not ordered:
-            return math.nan
-        return ordered[min(max(1, math.ceil(p / 100 * len(ordered))), len(ordered)) - 1]
+        return nearest_rank(sorted(self.latencies_ms), p)
 
     def to_dict(self) -> dict[str, Any]:
         """Percentiles, errors and page sizes, JSON-friendly."""
         return {
             "calls": self.calls,
-            "p50": _ms(self.percentile(50)),
-            "p90": _ms(self.percentile(90)),
-            "p99": _ms(self.percentile(99)),
+            "p50": rounded_ms(self.percentile(50)),
+            "p90": rounded_ms(self.percentile(90)),
+            "p99": rounded_ms(self.percentile(99)),
             "errors": self.errors,
             "error_reasons": dict(self.error_reasons),
             "items_per_call": round(self.items / self.calls, 2) if self.calls else None,
@@ -212,8 +207,8 @@ class ScaleReport:
             "feed_warmup_calls": self.warmup_calls,
             "feed_ms_base": self.reads_base.to_dict(),
             "feed_ms_scaled": reads_scaled.to_dict() if reads_scaled else None,
-            "feed_p50_ms_base": _ms(self.reads_base.percentile(50)),
-            "feed_p50_ms_scaled": _ms(reads_scaled.percentile(50)) if reads_scaled else None,
+            "feed_p50_ms_base": rounded_ms(self.reads_base.percentile(50)),
+            "feed_p50_ms_scaled": rounded_ms(reads_scaled.percentile(50)) if reads_scaled else None,
             "ratio": None if ratio is None else round(ratio, 3),
             "target_ratio": self.target_ratio,
             "met": self.met,
@@ -226,10 +221,6 @@ class ScaleReport:
             "skipped": self.skipped,
             "stopped": load.stopped if load else None,
         }
-
-
-def _ms(value: float) -> float | None:
-    return None if math.isnan(value) else round(value, 3)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -255,39 +246,19 @@ def feed_requests(dataset: Dataset, calls: int, *, seed: int = 0) -> list[Reques
 async def read_feeds(base_url: str, requests: Sequence[Request], *, timeout_s: float = 10.0) -> FeedReads:
     """Send `requests` one at a time over one keep-alive connection; wall time and page of each."""
     reads = FeedReads(latencies_ms=[], errors=0, error_reasons={}, items=0, first_pages=[])
-    base = base_url.rstrip("/")
-    connector = aiohttp.TCPConnector(limit=1, ttl_dns_cache=None)
-    async with aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=timeout_s),
-        cookie_jar=aiohttp.DummyCookieJar(),
-    ) as session:
+    async with SequentialClient(base_url, timeout_s=timeout_s) as client:
         for request in requests:
-            start = time.perf_counter()
-            try:
-                async with session.request(
-                    request.method, URL(base + request.path, encoded=True), headers=request.headers
-                ) as response:
-                    body = await response.read()
-                    status = response.status
-            except (aiohttp.ClientError, OSError, TimeoutError) as error:
-                _fail(reads, type(error).__name__)
+            answer = await client.send(request)
+            if answer.failure is not None:
+                reads.errors += 1
+                reads.error_reasons[answer.failure] = reads.error_reasons.get(answer.failure, 0) + 1
+                reads.first_pages.append([])
                 continue
-            elapsed_ms = (time.perf_counter() - start) * 1000
-            if not 200 <= status < 300:
-                _fail(reads, str(status))
-                continue
-            ids = [item["id"] for item in orjson.loads(body)["items"]]
-            reads.latencies_ms.append(elapsed_ms)
+            ids = [item["id"] for item in orjson.loads(answer.body)["items"]]
+            reads.latencies_ms.append(answer.elapsed_s * 1000)
             reads.items += len(ids)
             reads.first_pages.append(ids)
     return reads
-
-
-def _fail(reads: FeedReads, reason: str) -> None:
-    reads.errors += 1
-    reads.error_reasons[reason] = reads.error_reasons.get(reason, 0) + 1
-    reads.first_pages.append([])
 
 
 class _Db:
