@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 import uvloop
 
-from threadline.bench.loadgen import LoadResult, run_open_loop
+from threadline.bench.loadgen import LoadResult, cpu_seconds, run_open_loop
 from threadline.bench.opcost import TARGET_CPU_MS_PER_CALL, OperationCost, measure_operation_costs
 from threadline.bench.scale import FEED_CALLS, ScaleReport, measure_at_scale
 from threadline.bench.workload import PAGE as PAGE_SIZE
@@ -259,9 +259,9 @@ def _bench_topology(name: str, config: BenchConfig, progress: Progress) -> Topol
 
 def _measure(runner: Runner, url: str, source: Any, rate: float, config: BenchConfig) -> RateStep:
     processes = _processes(runner)
-    before = {name: _cpu(proc) for name, proc in processes.items()}
+    before = cpu_seconds(processes)
     load = uvloop.run(run_open_loop(url, source, rate=rate, duration_s=config.duration_s))
-    after = {name: _cpu(proc) for name, proc in processes.items()}
+    after = cpu_seconds(processes)
     return RateStep(
         load=load,
         cpu_s_by_process={name: after[name] - before[name] for name in processes},
@@ -275,11 +275,6 @@ def _processes(runner: Runner) -> dict[str, psutil.Process]:
     if nats_pid is not None:
         found["nats"] = psutil.Process(nats_pid)
     return found
-
-
-def _cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
 
 
 def _peak_rss_mb(process: psutil.Process) -> float:

@@ -16,9 +16,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import psutil
 from yarl import URL
 
-__all__ = ["LoadResult", "Request", "RequestSource", "nearest_rank", "rounded_ms", "run_open_loop"]
+__all__ = [
+    "LoadResult",
+    "Request",
+    "RequestSource",
+    "cpu_seconds",
+    "nearest_rank",
+    "rounded_ms",
+    "run_open_loop",
+]
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,15 @@ class Request:
 
 
 RequestSource = Callable[[random.Random], Request]
+
+
+def cpu_seconds(processes: Mapping[str, psutil.Process]) -> dict[str, float]:
+    """Each process's CPU time so far (user + system), in seconds."""
+    readings = {}
+    for name, process in processes.items():
+        times = process.cpu_times()
+        readings[name] = float(times.user + times.system)
+    return readings
 
 
 def nearest_rank(ordered: list[float], p: float) -> float:

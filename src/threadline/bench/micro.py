@@ -54,6 +54,7 @@ import uvicorn
 import uvloop
 from fastapi import Body, FastAPI, Request
 
+from threadline.bench.loadgen import cpu_seconds
 from threadline.platform.http_client import HttpSession, ServiceClient
 from threadline.platform.nats_server import EmbeddedNats
 from threadline.platform.processes import die_with_parent
@@ -508,16 +509,11 @@ async def _closed_loop(call: Call, callers: int, seconds: float) -> tuple[list[i
 def _cpu_seconds(pids: dict[str, int]) -> Iterator[dict[str, float]]:
     """Fills the yielded dict with each process's CPU seconds (user + system) spent in the block."""
     processes = {who: psutil.Process(pid) for who, pid in pids.items()}
-    before = {who: _cpu(process) for who, process in processes.items()}
+    before = cpu_seconds(processes)
     used: dict[str, float] = {}
     yield used
-    for who, process in processes.items():
-        used[who] = _cpu(process) - before[who]
-
-
-def _cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
+    after = cpu_seconds(processes)
+    used.update({who: after[who] - before[who] for who in processes})
 
 
 # -- helper processes --------------------------------------------------------------------------

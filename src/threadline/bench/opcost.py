@@ -29,7 +29,7 @@ import orjson
 import psutil
 from yarl import URL
 
-from threadline.bench.loadgen import Request, RequestSource
+from threadline.bench.loadgen import Request, RequestSource, cpu_seconds
 
 __all__ = [
     "QUIET_S",
@@ -272,14 +272,6 @@ def _item_count(body: bytes) -> int | None:
     return len(items) if isinstance(items, list) else None
 
 
-def _cpu_s(processes: Mapping[str, psutil.Process]) -> dict[str, float]:
-    readings = {}
-    for name, process in processes.items():
-        times = process.cpu_times()
-        readings[name] = float(times.user + times.system)
-    return readings
-
-
 @dataclass
 class _Idle:
     """The outcome of waiting until the system was idle."""
@@ -298,10 +290,10 @@ async def _wait_until_idle(processes: Mapping[str, psutil.Process]) -> _Idle:
     is the reading at its end, and `quiet_cpu_s` what all processes spent during it.
     """
     start = time.monotonic()
-    quiet_since, quiet_from = start, _cpu_s(processes)
+    quiet_since, quiet_from = start, cpu_seconds(processes)
     while True:
         await asyncio.sleep(POLL_S)
-        now, readings = time.monotonic(), _cpu_s(processes)
+        now, readings = time.monotonic(), cpu_seconds(processes)
         if any(readings[name] - quiet_from[name] > 1.5 * CLOCK_TICK_S for name in processes):
             quiet_since, quiet_from = now, readings
         elif now - quiet_since >= QUIET_S:
