@@ -15,17 +15,19 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-import aiohttp
 import uvicorn
 import uvloop
 from fastapi import APIRouter, FastAPI
 from sqlalchemy.exc import DatabaseError
+from starlette.middleware import Middleware
 
-from threadline.gateway.routes import ServiceState
+from threadline.gateway.routes import FORWARDED, ServiceState
 from threadline.gateway.routes import build_router as gateway_router
 from threadline.platform.component import Component
 from threadline.platform.events import Bus, InProcessBus
-from threadline.platform.http_client import HttpSession, ServiceClient
+from threadline.platform.forwarding import Forwarding
+from threadline.platform.http_client import ServiceClient
+from threadline.platform.http_pool import HttpSession
 from threadline.platform.nats_bus import NatsBus
 from threadline.platform.outbox import OutboxRelay
 from threadline.platform.settings import Settings
@@ -132,7 +134,9 @@ def build_process(group: tuple[str, ...], settings: Settings) -> Process:
     verifier = TokenVerifier(api("users").jwks)
     routers: list[APIRouter] = [component.router for component in components.values()]
     if GATEWAY in group:
-        routers.append(
+        # The public routes first: every request is matched against the routes in order.
+        routers.insert(
+            0,
             gateway_router(
                 users=api("users"),
                 posts=api("posts"),
@@ -141,8 +145,12 @@ def build_process(group: tuple[str, ...], settings: Settings) -> Process:
                 payments=api("payments"),
                 topology=topology.name,
                 status=_status_probe(components, settings, session),
-            )
+            ),
         )
+    middleware: list[Middleware] = []
+    forwards = [forward for forward in FORWARDED if forward.service in clients]
+    if GATEWAY in group and forwards:
+        middleware.append(Middleware(Forwarding, forwards=forwards, clients=clients))
     bus = _bus(topology, settings) if components else None
     relays = []
     for component in components.values():
@@ -163,6 +171,7 @@ def build_process(group: tuple[str, ...], settings: Settings) -> Process:
             readiness=readiness,
             token_verifier=verifier,
             max_body_bytes=settings.max_body_bytes,
+            middleware=middleware,
         ),
         components=components,
         bus=bus,
@@ -206,10 +215,10 @@ async def _ready(session: HttpSession, url: str | None) -> bool:
     if url is None:
         return False
     try:
-        async with session.get().get(f"{url}/readyz", timeout=aiohttp.ClientTimeout(total=1.0)) as response:
-            return response.status == 200
-    except (TimeoutError, aiohttp.ClientError, OSError):
+        answer = await session.origin(url).request("GET", "/readyz", timeout_seconds=1.0)
+    except (TimeoutError, OSError):
         return False
+    return answer.status == 200
 
 
 def serve(group: tuple[str, ...], settings: Settings) -> None:

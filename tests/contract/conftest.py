@@ -8,7 +8,7 @@ import pytest
 
 from tests.support.servers import serving
 from threadline.bootstrap import Process, build_process, running
-from threadline.platform.http_client import HttpSession
+from threadline.platform.http_pool import HttpSession
 from threadline.platform.settings import Settings
 from threadline.platform.tokens import Identity, TokenVerifier
 from threadline.services.posts.api import PostsApi

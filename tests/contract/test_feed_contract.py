@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.fakes.feed import FakePosts
@@ -13,7 +14,7 @@ from tests.support.tokens import Signer
 from threadline.platform.component import Component
 from threadline.platform.errors import ServiceError
 from threadline.platform.events import Event, EventPayload
-from threadline.platform.http_client import HttpSession
+from threadline.platform.http_pool import HttpSession
 from threadline.platform.ids import new_id
 from threadline.platform.pagination import PageRequest
 from threadline.platform.settings import Settings
@@ -200,9 +201,9 @@ async def test_http_route_needs_a_valid_token(component: Component) -> None:
     session = HttpSession()
     try:
         async with serving(served) as url:
-            async with session.get().get(f"{url}/feed/home") as response:
-                assert response.status == 401
-                assert (await response.json())["error"]["code"] == "unauthorized"
+            answer = await session.origin(url).request("GET", "/feed/home", timeout_seconds=30)
+            assert answer.status == 401
+            assert orjson.loads(answer.body)["error"]["code"] == "unauthorized"
             foreign = Signer(kid=signer.kid).token(new_id(), "eve")
             client = FeedClient("feed", url, session)
             with pytest.raises(ServiceError) as caught:

@@ -16,7 +16,7 @@ from tests.support.servers import serving
 from tests.support.tokens import Signer
 from threadline.platform.component import Component
 from threadline.platform.errors import ServiceError
-from threadline.platform.http_client import HttpSession
+from threadline.platform.http_pool import HttpSession
 from threadline.platform.ids import new_id
 from threadline.platform.pagination import PageRequest
 from threadline.platform.settings import Settings

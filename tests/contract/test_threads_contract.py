@@ -12,7 +12,7 @@ from tests.support.tokens import Signer
 from threadline.platform.component import Component
 from threadline.platform.errors import ServiceError
 from threadline.platform.events import Event
-from threadline.platform.http_client import HttpSession
+from threadline.platform.http_pool import HttpSession
 from threadline.platform.settings import Settings
 from threadline.platform.tokens import TokenVerifier
 from threadline.platform.web import create_app

@@ -30,6 +30,9 @@ async def test_users_down_leaves_posting_and_reading_working(system: System, api
     first = await api.call("POST", "/api/v1/posts", json={"text": "while all is well"}, token=token)
     assert first.status == 201
     assert (await api.call("GET", f"/api/v1/users/{alice['handle']}/posts")).status == 200
+    # The gateway checks tokens itself only on the routes it does not forward: this one, while
+    # users is up, proves it holds the signing keys.
+    assert (await api.call("GET", "/api/v1/me", token=token)).status == 200
 
     users = next(p for p in system.runner.processes if p.spec.name == "users")
     users.popen.send_signal(signal.SIGKILL)

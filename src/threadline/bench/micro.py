@@ -3,8 +3,9 @@
 Everything runs on loopback on this machine. The callee is a separate OS process (this module's
 `serve` command): a bare FastAPI app on uvicorn with uvloop and httptools, answering `GET /hello`
 and `POST /echo`, and answering NATS requests on `bench.echo` through an embedded NATS server. A
-second such process is a gateway whose `GET /hop` calls the first one's `/hello` through the
-chassis `ServiceClient`. The caller is this process, on uvloop.
+second such process is a gateway that forwards `GET /hop` to the first one's `/hello` the way
+Threadline's gateway forwards its hot routes (`threadline.platform.forwarding` over the chassis
+`ServiceClient`). The caller is this process, on uvloop.
 
 Each latency row comes from one caller making sequential calls after a warm-up, each timed with
 `perf_counter_ns`, summarized as nearest-rank percentiles; its calls/s is that caller's rate
@@ -52,10 +53,12 @@ import orjson
 import psutil
 import uvicorn
 import uvloop
-from fastapi import Body, FastAPI, Request
+from fastapi import Body, FastAPI
 
 from threadline.bench.loadgen import cpu_seconds
-from threadline.platform.http_client import HttpSession, ServiceClient
+from threadline.platform.forwarding import Forward, Forwarding
+from threadline.platform.http_client import ServiceClient
+from threadline.platform.http_pool import HttpSession
 from threadline.platform.nats_server import EmbeddedNats
 from threadline.platform.processes import die_with_parent
 
@@ -86,7 +89,7 @@ __all__ = [
 ]
 
 LOCAL = "local adapter"
-ADAPTER = "threadline HTTP adapter (aiohttp)"
+ADAPTER = "threadline HTTP adapter (httptools pool)"
 RAW_AIOHTTP = "raw aiohttp"
 HTTPX = "httpx"
 NATS = "NATS request/reply"
@@ -215,7 +218,7 @@ def micro_report(results: Sequence[MicroResult]) -> dict[str, Any]:
         "cpu_us_per_call": {"direct": direct.cpu_us_per_call, "hop": through_hop.cpu_us_per_call},
         "saturation_callers": _SATURATION_CALLERS,
         "background_load_calls_per_s": round(rows[BACKGROUND].calls_per_s, 1),
-        "chassis_client_overhead_p50_us": round(adapter.p50_us - raw.p50_us, 1),
+        "adapter_vs_raw_aiohttp_p50_us": round(adapter.p50_us - raw.p50_us, 1),
         "httpx_vs_aiohttp_p50": round(rows[HTTPX].p50_us / raw.p50_us, 2),
         "targets": {
             "added_p50_ms_at_most": TARGET_ADDED_P50_MS,
@@ -630,9 +633,14 @@ def _dumps(value: Any) -> str:
 def _server_app(nats_url: str | None, upstream: str | None) -> FastAPI:
     """/hello and /echo; a NATS responder on `bench.echo` with `nats_url`; /hop to `upstream` with one."""
 
+    # The gateway forwards GET /hop to the echo server's /hello as Threadline's gateway forwards
+    # its hot routes: the chassis Forwarding middleware over a ServiceClient.
+    session = HttpSession()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(session.close)
             if nats_url is not None:
                 nc = await nats.connect(nats_url)
                 stack.push_async_callback(nc.close)
@@ -642,10 +650,6 @@ def _server_app(nats_url: str | None, upstream: str | None) -> FastAPI:
 
                 await nc.subscribe(_SUBJECT, cb=respond)
                 await nc.flush()  # subscribed at the server before /hello first answers
-            if upstream is not None:
-                session = HttpSession()
-                stack.push_async_callback(session.close)
-                app.state.upstream = ServiceClient("echo", upstream, session)
             yield
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -659,11 +663,11 @@ def _server_app(nats_url: str | None, upstream: str | None) -> FastAPI:
         return payload
 
     if upstream is not None:
-
-        @app.get("/hop")
-        async def hop(request: Request) -> dict[str, Any]:
-            answer: dict[str, Any] = await request.app.state.upstream.call("GET", "/hello")
-            return answer
+        app.add_middleware(
+            Forwarding,
+            forwards=[Forward("GET", "/hop", "echo", "/hello")],
+            clients={"echo": ServiceClient("echo", upstream, session)},
+        )
 
     return app
 

@@ -6,9 +6,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel
 
+from threadline.platform.forwarding import Forward
 from threadline.platform.lru import LruCache
 from threadline.platform.pagination import Page, Paging
 from threadline.platform.web import Caller, Viewer
+from threadline.services.feed.api import SERVICE as FEED
 from threadline.services.feed.api import FeedApi, FeedPage
 from threadline.services.payments.api import (
     Balance,
@@ -21,7 +23,9 @@ from threadline.services.payments.api import (
     TipCreate,
     TipPublic,
 )
+from threadline.services.posts.api import SERVICE as POSTS
 from threadline.services.posts.api import PostCreate, PostPage, PostPublic, PostsApi
+from threadline.services.threads.api import SERVICE as THREADS
 from threadline.services.threads.api import ThreadPublic, ThreadsApi
 from threadline.services.users.api import (
     AccessToken,
@@ -32,7 +36,17 @@ from threadline.services.users.api import (
     UsersApi,
 )
 
-__all__ = ["AccountIds", "ServiceState", "ServiceStatus", "StatusAnswer", "build_router"]
+__all__ = ["FORWARDED", "AccountIds", "ServiceState", "ServiceStatus", "StatusAnswer", "build_router"]
+
+FORWARDED = (
+    Forward("GET", "/api/v1/feed", FEED, "/feed/home"),
+    Forward("GET", "/api/v1/threads/{post_id}", THREADS, "/threads/threads/{post_id}"),
+    Forward("POST", "/api/v1/posts", POSTS, "/posts/posts"),
+)
+"""The hot routes whose answer is the owning service's own: forwarded as bytes when it runs elsewhere.
+
+Each is also declared below, for the API documentation and for a service in the gateway's process.
+"""
 
 
 class ServiceState(BaseModel):

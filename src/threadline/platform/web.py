@@ -11,13 +11,14 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from threadline.platform.deadlines import DEADLINE_HEADER, deadline_scope
 from threadline.platform.errors import FieldError, InvalidRequest, ServiceError, error_body
 from threadline.platform.tokens import Identity, TokenVerifier
 
-__all__ = ["Caller", "ReadinessCheck", "Viewer", "create_app"]
+__all__ = ["UNEXPECTED_ERROR", "Caller", "ReadinessCheck", "Viewer", "create_app", "send_error", "send_json"]
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
 
@@ -44,8 +45,12 @@ def create_app(
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     token_verifier: TokenVerifier,
     max_body_bytes: int = 64 * 1024,
+    middleware: Sequence[Middleware] = (),
 ) -> FastAPI:
-    """Build an ASGI app serving `routers` plus /healthz, /readyz and /metrics."""
+    """Build an ASGI app serving `routers` plus /healthz, /readyz and /metrics.
+
+    `middleware` runs inside the edge layer (body limits, deadlines, metrics), outermost first.
+    """
     app = FastAPI(
         title=title,
         lifespan=lifespan,
@@ -79,6 +84,8 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    for inner in reversed(middleware):
+        app.add_middleware(inner.cls, *inner.args, **inner.kwargs)
     app.add_middleware(_EdgeMiddleware, max_body_bytes=max_body_bytes, metrics=metrics)
     return app
 
@@ -107,11 +114,11 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
     return JsonResponse(error_body(code, detail), status_code=exc.status_code, headers=exc.headers)
 
 
+UNEXPECTED_ERROR = "an unexpected error occurred; it has been logged"
+
+
 async def _unexpected_error(_request: Request, _exc: Exception) -> Response:
-    return JsonResponse(
-        error_body("internal_error", "an unexpected error occurred; it has been logged"),
-        status_code=500,
-    )
+    return JsonResponse(error_body("internal_error", UNEXPECTED_ERROR), status_code=500)
 
 
 class JsonResponse(Response):
@@ -169,7 +176,7 @@ class _EdgeMiddleware:
             scope = {**scope, "headers": list(headers.items())}
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            await _send_error(send, 413, "payload_too_large", self._too_large_message())
+            await send_error(send, 413, "payload_too_large", self._too_large_message())
             return
         status = 500
         received = 0
@@ -195,7 +202,7 @@ class _EdgeMiddleware:
                 await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
             status = 413
-            await _send_error(send, 413, "payload_too_large", self._too_large_message())
+            await send_error(send, 413, "payload_too_large", self._too_large_message())
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
@@ -216,10 +223,16 @@ def _parse_ms(raw: bytes | None) -> float | None:
     return int(raw) / 1000
 
 
-async def _send_error(send: Send, status: int, code: str, message: str) -> None:
-    response = JsonResponse(error_body(code, message), status_code=status)
+async def send_json(send: Send, status: int, body: Any) -> None:
+    """Answer with `body` as JSON, straight through ASGI `send`."""
+    response = JsonResponse(body, status_code=status)
     await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
     await send({"type": "http.response.body", "body": response.body})
+
+
+async def send_error(send: Send, status: int, code: str, message: str) -> None:
+    """Answer with an API.md error body, straight through ASGI `send`."""
+    await send_json(send, status, error_body(code, message))
 
 
 async def _required_identity(

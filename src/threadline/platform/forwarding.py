@@ -1,0 +1,156 @@
+"""Edge routes answered by forwarding the request, as bytes, to the service whose answer it is.
+
+Where an edge route's answer is exactly a service's internal answer (same status, same JSON),
+decoding that answer into models and encoding it again, as an ordinary route does, is work
+for nothing: measured here it was most of what the gateway spent on a feed read. A forwarded
+route skips the gateway's routing, validation and encoding; the service validates the request
+and the caller's token itself, with the same models and the same error shape, so the caller
+cannot tell the difference. Deadlines, body limits and metrics still apply: this middleware
+runs inside the app's edge middleware. Only requests to a service in another process are
+forwarded; the edge route stays declared for the API documentation and the monolith.
+"""
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from threadline.platform.errors import ServiceError
+from threadline.platform.http_client import ServiceClient
+from threadline.platform.web import UNEXPECTED_ERROR, send_error, send_json
+
+__all__ = ["Forward", "Forwarding"]
+
+log = logging.getLogger(__name__)
+
+# Headers a service needs from the caller; the client adds the deadline and content type.
+_FORWARDED_HEADERS = frozenset({b"authorization", b"idempotency-key"})
+
+
+@dataclass(frozen=True)
+class Forward:
+    """An edge route whose answer is a service's internal route's answer, byte for byte.
+
+    `path` and `target` are templates whose `{name}` segments match one path segment each;
+    every name in `target` must appear in `path`.
+    """
+
+    method: str
+    path: str
+    service: str
+    target: str
+
+    def __post_init__(self) -> None:
+        for template in (self.path, self.target):
+            for segment in template.split("/"):
+                braced = "{" in segment or "}" in segment
+                if braced and not (_is_name(segment) and segment[1:-1].isidentifier()):
+                    raise ValueError(f"{template}: a parameter must be a whole segment, as {{name}}")
+        missing = set(_names(self.target)) - set(_names(self.path))
+        if missing:
+            raise ValueError(f"{self.target}: {sorted(missing)} do not appear in {self.path}")
+
+
+@dataclass(frozen=True)
+class _Route:
+    forward: Forward
+    client: ServiceClient
+    segments: tuple[str | None, ...]  # None where `path` has a {name}
+    names: tuple[str, ...]
+
+    def target_for(self, parts: list[str]) -> str | None:
+        values: dict[str, str] = {}
+        names = iter(self.names)
+        for segment, part in zip(self.segments, parts, strict=True):
+            if segment is None:
+                if not part:
+                    return None
+                values[next(names)] = part
+            elif segment != part:
+                return None
+        return self.forward.target.format_map(values)
+
+
+class Forwarding:
+    """ASGI middleware: requests matching a Forward go to its service; all others to `app`."""
+
+    def __init__(
+        self, app: ASGIApp, *, forwards: Sequence[Forward], clients: Mapping[str, ServiceClient]
+    ) -> None:
+        self.app = app
+        self._routes: dict[tuple[str, int], list[_Route]] = {}
+        for forward in forwards:
+            segments = tuple(None if _is_name(part) else part for part in forward.path.split("/"))
+            route = _Route(forward, clients[forward.service], segments, _names(forward.path))
+            self._routes.setdefault((forward.method, len(segments)), []).append(route)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Forward a matching request; hand any other to the app."""
+        if scope["type"] == "http":
+            parts = scope["path"].split("/")
+            for route in self._routes.get((scope["method"], len(parts)), ()):
+                target = route.target_for(parts)
+                if target is not None:
+                    scope["route"] = route.forward
+                    await self._forward(route, target, scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+    async def _forward(self, route: _Route, target: str, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await _read_body(receive)
+        headers = {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in scope["headers"]
+            if name in _FORWARDED_HEADERS
+        }
+        try:
+            answer = await route.client.forward(
+                scope["method"],
+                target,
+                query=scope["query_string"].decode("latin-1"),
+                body=body or None,
+                headers=headers,
+            )
+        except ServiceError as exc:
+            await send_json(send, exc.status, exc.body())
+            return
+        except Exception:
+            log.exception("forwarding %s %s failed", scope["method"], scope["path"])
+            await send_error(send, 500, "internal_error", UNEXPECTED_ERROR)
+            return
+        if answer.status == 204:
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": answer.status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(answer.body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer.body})
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _is_name(segment: str) -> bool:
+    return segment.startswith("{") and segment.endswith("}")
+
+
+def _names(template: str) -> tuple[str, ...]:
+    return tuple(part[1:-1] for part in template.split("/") if _is_name(part))
