@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
         "--rates",
         type=_rates,
         default=None,
-        help="offered rates in requests/s, comma-separated (default 25,50,100,200,300,400,600,800,1200)",
+        help="offered rates in requests/s, comma-separated (default: 12 steps from 25 to 1200)",
     )
     bench.add_argument("--duration", type=float, default=10.0, help="seconds per rate (default 10)")
     bench.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per topology (default 3)")

@@ -36,9 +36,13 @@ from threadline.platform.settings import Settings
 from threadline.runner import Runner, running
 from threadline.topology import SERVICES, parse_topology
 
-__all__ = ["BenchConfig", "RateStep", "TopologyReport", "run_bench"]
+__all__ = ["DEFAULT_RATES", "BenchConfig", "RateStep", "TopologyReport", "run_bench"]
 
 Progress = Callable[[str], None]
+
+
+# Steps of 100/s up to 800/s, so that the maximum sustainable rate is known to within 100/s.
+DEFAULT_RATES = (25, 50, 100, 200, 300, 400, 500, 600, 700, 800, 1000, 1200)
 
 
 @dataclass
@@ -47,7 +51,7 @@ class BenchConfig:
 
     users: int = 1000
     posts: int = 50_000
-    rates: list[float] = field(default_factory=lambda: [25, 50, 100, 200, 300, 400, 600, 800, 1200])
+    rates: list[float] = field(default_factory=lambda: list(DEFAULT_RATES))
     duration_s: float = 10.0
     warmup_s: float = 3.0
     p99_bound_ms: float = 200.0

@@ -5,7 +5,9 @@ Everything runs on loopback on this machine. The callee is a separate OS process
 and `POST /echo`, and answering NATS requests on `bench.echo` through an embedded NATS server. A
 second such process is a gateway that forwards `GET /hop` to the first one's `/hello` the way
 Threadline's gateway forwards its hot routes (`threadline.platform.forwarding` over the chassis
-`ServiceClient`). The caller is this process, on uvloop.
+`ServiceClient`). The caller is this process, on uvloop; it calls /hello and /hop through the
+same connection pool the services use, the cheapest client here, so that it takes as little as
+it can of the cores the two servers need.
 
 Each latency row comes from one caller making sequential calls after a warm-up, each timed with
 `perf_counter_ns`, summarized as nearest-rank percentiles; its calls/s is that caller's rate
@@ -58,7 +60,7 @@ from fastapi import Body, FastAPI
 from threadline.bench.loadgen import cpu_seconds
 from threadline.platform.forwarding import Forward, Forwarding
 from threadline.platform.http_client import ServiceClient
-from threadline.platform.http_pool import HttpSession
+from threadline.platform.http_pool import HttpAnswer, HttpSession
 from threadline.platform.nats_server import EmbeddedNats
 from threadline.platform.processes import die_with_parent
 
@@ -133,6 +135,7 @@ _READY_TIMEOUT_SECONDS = 30.0
 _STOP_TIMEOUT_SECONDS = 10.0
 _START_ATTEMPTS = 3
 _SUBJECT = "bench.echo"
+_CALL_TIMEOUT_S = 30.0
 
 # About 200 bytes of JSON, shaped like a post passing between services.
 _PAYLOAD: dict[str, Any] = {
@@ -362,11 +365,7 @@ class _Bench:
             nc = await nats.connect(self.nats_url)
             stack.push_async_callback(nc.close)
             service = _EchoService()
-            echo_url, hello_url, hop_url = (
-                f"{self.echo.url}/echo",
-                f"{self.echo.url}/hello",
-                f"{self.gateway.url}/hop",
-            )
+            echo_url = f"{self.echo.url}/echo"
 
             async def local() -> Any:
                 return await service.echo(_PAYLOAD)
@@ -386,11 +385,15 @@ class _Bench:
                 reply = await nc.request(_SUBJECT, orjson.dumps(_PAYLOAD), timeout=5.0)
                 return orjson.loads(reply.data)
 
+            # The hello and hop series call through the pool the services use: the cheapest client
+            # here, so the caller takes as little as it can of the cores the servers measured need.
+            to_echo, to_gateway = chassis.origin(self.echo.url), chassis.origin(self.gateway.url)
+
             async def hello() -> Any:
-                return await _fetch(raw.get(hello_url))
+                return _decoded(await to_echo.request("GET", "/hello", timeout_seconds=_CALL_TIMEOUT_S))
 
             async def hop() -> Any:
-                return await _fetch(raw.get(hop_url))
+                return _decoded(await to_gateway.request("GET", "/hop", timeout_seconds=_CALL_TIMEOUT_S))
 
             for name, call in [
                 (LOCAL, local),
@@ -457,6 +460,13 @@ async def _fetch(request: Any) -> Any:
         if response.status != 200:
             raise RuntimeError(f"HTTP {response.status}: {body[:200]!r}")
         return orjson.loads(body)
+
+
+def _decoded(answer: HttpAnswer) -> Any:
+    """The decoded JSON of an answer, which must be a 200."""
+    if answer.status != 200:
+        raise RuntimeError(f"HTTP {answer.status}: {answer.body[:200]!r}")
+    return orjson.loads(answer.body)
 
 
 async def _sequential(call: Call, calls: int, warmup: int) -> list[int]:

@@ -12,6 +12,7 @@ from threadline.platform.pagination import Page, Paging
 from threadline.platform.web import Caller, Viewer
 from threadline.services.feed.api import SERVICE as FEED
 from threadline.services.feed.api import FeedApi, FeedPage
+from threadline.services.payments.api import SERVICE as PAYMENTS
 from threadline.services.payments.api import (
     Balance,
     IdempotencyKey,
@@ -27,6 +28,7 @@ from threadline.services.posts.api import SERVICE as POSTS
 from threadline.services.posts.api import PostCreate, PostPage, PostPublic, PostsApi
 from threadline.services.threads.api import SERVICE as THREADS
 from threadline.services.threads.api import ThreadPublic, ThreadsApi
+from threadline.services.users.api import SERVICE as USERS
 from threadline.services.users.api import (
     AccessToken,
     Credentials,
@@ -39,13 +41,35 @@ from threadline.services.users.api import (
 __all__ = ["FORWARDED", "AccountIds", "ServiceState", "ServiceStatus", "StatusAnswer", "build_router"]
 
 FORWARDED = (
-    Forward("GET", "/api/v1/feed", FEED, "/feed/home"),
-    Forward("GET", "/api/v1/threads/{post_id}", THREADS, "/threads/threads/{post_id}"),
+    Forward("POST", "/api/v1/users", USERS, "/users/accounts"),
+    Forward("POST", "/api/v1/sessions", USERS, "/users/sessions"),
+    Forward("GET", "/api/v1/users/{handle}", USERS, "/users/handles/{handle}"),
+    Forward("PATCH", "/api/v1/me", USERS, "/users/me"),
+    Forward("PUT", "/api/v1/me/following/{handle}", USERS, "/users/me/following/{handle}"),
+    Forward("DELETE", "/api/v1/me/following/{handle}", USERS, "/users/me/following/{handle}"),
+    Forward("GET", "/api/v1/users/{handle}/followers", USERS, "/users/handles/{handle}/followers"),
+    Forward("GET", "/api/v1/users/{handle}/following", USERS, "/users/handles/{handle}/following"),
     Forward("POST", "/api/v1/posts", POSTS, "/posts/posts"),
+    Forward("DELETE", "/api/v1/posts/{post_id}", POSTS, "/posts/posts/{post_id}"),
+    Forward("PUT", "/api/v1/posts/{post_id}/like", POSTS, "/posts/posts/{post_id}/like"),
+    Forward("DELETE", "/api/v1/posts/{post_id}/like", POSTS, "/posts/posts/{post_id}/like"),
+    Forward("GET", "/api/v1/threads/{post_id}", THREADS, "/threads/threads/{post_id}"),
+    Forward("GET", "/api/v1/feed", FEED, "/feed/home"),
+    Forward("PUT", "/api/v1/me/subscription-price", PAYMENTS, "/payments/me/price"),
+    Forward(
+        "DELETE",
+        "/api/v1/subscriptions/{subscription_id}",
+        PAYMENTS,
+        "/payments/subscriptions/{subscription_id}",
+    ),
+    Forward("GET", "/api/v1/me/subscriptions", PAYMENTS, "/payments/me/subscriptions"),
+    Forward("GET", "/api/v1/me/balance", PAYMENTS, "/payments/me/balance"),
 )
-"""The hot routes whose answer is the owning service's own: forwarded as bytes when it runs elsewhere.
+"""The routes whose answer is the owning service's own: forwarded as bytes when it runs elsewhere.
 
 Each is also declared below, for the API documentation and for a service in the gateway's process.
+The others need the gateway: the caller's id from the token (/me), a handle turned into an
+account id (author pages, subscribe, tip), or an answer reshaped (a single post).
 """
 
 
