@@ -1,12 +1,14 @@
-"""NATS servers for the chassis tests: a shared one per module, or one a test owns and restarts."""
+"""Chassis test fixtures: NATS servers (per module, or owned by a test), a client pool, a refused port."""
 
 import os
+import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from threadline.platform.http_pool import HttpSession
 from threadline.platform.nats_server import EmbeddedNats
 
 
@@ -32,3 +34,21 @@ def embedded_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
 def namespace() -> str:
     """An events namespace no other test uses, so tests never see each other's streams."""
     return f"test{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[HttpSession]:
+    """A connection pool of the test's own, closed afterwards."""
+    session = HttpSession()
+    yield session
+    await session.close()
+
+
+@pytest.fixture
+def unused_socket() -> Iterator[socket.socket]:
+    """A loopback port bound but not listening: connecting to it is refused, and nobody else can take it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    yield sock
+    sock.close()

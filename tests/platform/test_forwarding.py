@@ -3,7 +3,7 @@
 import re
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -247,16 +247,6 @@ async def upstream() -> AsyncIterator[Upstream]:
 async def gateway(upstream: Upstream) -> AsyncIterator[Gateway]:
     async with running_gateway(upstream.url) as gateway:
         yield gateway
-
-
-@pytest.fixture
-def unused_socket() -> Iterator[socket.socket]:
-    """A loopback port bound but not listening: connecting to it is refused, and nobody else can take it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    yield sock
-    sock.close()
 
 
 def error_of(reply: Reply) -> dict[str, Any]:

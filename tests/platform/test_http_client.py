@@ -4,7 +4,7 @@ import asyncio
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -115,23 +115,6 @@ async def remote() -> AsyncIterator[Remote]:
             yield remote
         finally:
             remote.release.set()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[HttpSession]:
-    session = HttpSession()
-    yield session
-    await session.close()
-
-
-@pytest.fixture
-def unused_socket() -> Iterator[socket.socket]:
-    """A loopback port bound but not listening: connecting to it is refused, and nobody else can take it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    yield sock
-    sock.close()
 
 
 @asynccontextmanager

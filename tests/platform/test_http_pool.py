@@ -201,13 +201,6 @@ async def remote() -> AsyncIterator[Remote]:
             remote.release.set()
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[HttpSession]:
-    session = HttpSession()
-    yield session
-    await session.close()
-
-
 async def client_port(origin: Origin) -> int:
     """The client port the server saw for one GET /port."""
     answer = await origin.request("GET", "/port", timeout_seconds=DEADLINE)
@@ -311,16 +304,18 @@ async def test_an_expired_idle_connection_is_not_reused(remote: Remote) -> None:
 # --- connections that end ----------------------------------------------------------------------------
 
 
+async def answer_once_then_close(connection: RawConnection) -> None:
+    """Answer a connection's first request; on its second, close without answering."""
+    if await connection.next_request() is None:
+        return
+    await connection.send(ok(f"connection {connection.number}".encode()))
+    await connection.next_request()
+
+
 async def test_a_pooled_connection_closed_under_a_request_is_retried_once_on_a_new_one(
     session: HttpSession,
 ) -> None:
     """A reused connection the server closes on the next request, unanswered, is retried on a new one."""
-
-    async def answer_once_then_close(connection: RawConnection) -> None:
-        if await connection.next_request() is None:
-            return
-        await connection.send(ok(f"connection {connection.number}".encode()))
-        await connection.next_request()  # then close without answering
 
     async with raw_server(answer_once_then_close) as server:
         origin = session.origin(server.url)
@@ -659,12 +654,6 @@ async def test_a_non_idempotent_request_on_a_pooled_connection_closed_under_it_i
     session: HttpSession, method: str, body: bytes | None
 ) -> None:
     """A POST or PATCH on a reused connection closed unanswered raises ConnectionClosed, not retried."""
-
-    async def answer_once_then_close(connection: RawConnection) -> None:
-        if await connection.next_request() is None:
-            return
-        await connection.send(ok(f"connection {connection.number}".encode()))
-        await connection.next_request()  # then close without answering
 
     async with raw_server(answer_once_then_close) as server:
         origin = session.origin(server.url)
