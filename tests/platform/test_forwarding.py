@@ -1,9 +1,10 @@
 """Edge routes forwarded as bytes to a service, against real sockets: a gateway, an upstream and the wire."""
 
+import asyncio
 import re
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,12 +13,15 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 import pytest
+from aiohttp.typedefs import LooseHeaders
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from multidict import CIMultiDictProxy
 from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from yarl import URL
 
+from tests.support.polling import eventually
 from tests.support.servers import serving
 from threadline.platform.forwarding import Forward, Forwarding
 from threadline.platform.http_client import ServiceClient
@@ -41,6 +45,7 @@ FORWARDS = [
     Forward("GET", "/api/errors/{status}", SERVICE, "/internal/errors/{status}"),
     Forward("GET", "/api/flaky", SERVICE, "/internal/flaky"),
     Forward("POST", "/api/flaky", SERVICE, "/internal/flaky"),
+    Forward("POST", "/api/sessions", SERVICE, "/internal/sessions", idempotent=True),
 ]
 
 UNAVAILABLE_BODY = (
@@ -133,6 +138,15 @@ class Upstream:
                 return Response(UNAVAILABLE_BODY, status_code=503, media_type="application/json")
             return Response(b'{"ok": true}')
 
+        @app.post("/internal/sessions")
+        async def create_session(request: Request) -> Response:
+            seen = await record(request)
+            self.calls["POST /internal/sessions"] += 1
+            if self.unavailable_left > 0:
+                self.unavailable_left -= 1
+                return Response(UNAVAILABLE_BODY, status_code=503, media_type="application/json")
+            return Response(b'{"created": ' + seen.body + b"}", status_code=201)
+
         return app
 
 
@@ -155,7 +169,28 @@ def gateway_router(calls: list[str]) -> APIRouter:
         calls.append("GET other")
         return {"from": "gateway"}
 
+    @router.post("/api/notes")
+    async def post_note(note: dict[str, Any]) -> dict[str, Any]:
+        calls.append("POST note")
+        return {"from": "gateway", "note": note}
+
     return router
+
+
+class ReceiveLog:
+    """ASGI middleware: records path, type and `more_body` of every message the app below receives."""
+
+    def __init__(self, app: ASGIApp, *, log: list[tuple[str, str, bool]]) -> None:
+        self.app = app
+        self.log = log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def logged_receive() -> Message:
+            message = await receive()
+            self.log.append((scope["path"], message["type"], bool(message.get("more_body", False))))
+            return message
+
+        await self.app(scope, logged_receive, send)
 
 
 async def jwks_never_needed() -> dict[str, Any]:
@@ -189,7 +224,7 @@ class Gateway:
         *,
         data: Any = None,
         json: Any = None,
-        headers: dict[str, str] | None = None,
+        headers: LooseHeaders | None = None,
     ) -> Reply:
         """Send `path` exactly as written (already encoded) and read the whole answer."""
         url = URL(self.url + path, encoded=True)
@@ -213,8 +248,8 @@ class Gateway:
 
 
 @asynccontextmanager
-async def running_gateway(upstream_url: str) -> AsyncIterator[Gateway]:
-    """Serve a gateway whose forwards go to `upstream_url`; stop it and its connections afterwards."""
+async def running_gateway(upstream_url: str, *, outer: Sequence[Middleware] = ()) -> AsyncIterator[Gateway]:
+    """Serve a gateway forwarding to `upstream_url`, `outer` around its Forwarding; stop it afterwards."""
     session = HttpSession()
     own_calls: list[str] = []
     client = ServiceClient(
@@ -226,7 +261,7 @@ async def running_gateway(upstream_url: str) -> AsyncIterator[Gateway]:
         readiness={},
         token_verifier=TokenVerifier(jwks_never_needed),
         max_body_bytes=MAX_BODY,
-        middleware=[Middleware(Forwarding, forwards=FORWARDS, clients={SERVICE: client})],
+        middleware=[*outer, Middleware(Forwarding, forwards=FORWARDS, clients={SERVICE: client})],
     )
     try:
         async with serving(app) as url, aiohttp.ClientSession() as http:
@@ -619,3 +654,96 @@ def test_forward_refuses_a_parameter_that_is_not_a_whole_segment(path: str, targ
     """A `{name}` must be a whole segment of either template, else substituting it could fail per request."""
     with pytest.raises(ValueError, match="whole segment"):
         Forward("GET", path, SERVICE, target)
+
+
+# --- callers that go away, limits on every route, repeated headers, declared idempotence -------------
+
+
+async def test_a_caller_gone_before_the_last_chunk_of_its_body_is_not_forwarded(upstream: Upstream) -> None:
+    """A chunked POST whose caller disconnects after a chunk, before the last, never reaches the upstream."""
+    received: list[tuple[str, str, bool]] = []
+    chunk = b'{"text": "never finished"}'
+    async with running_gateway(upstream.url, outer=[Middleware(ReceiveLog, log=received)]) as gateway:
+        url = URL(gateway.url)
+        assert url.host is not None
+        assert url.port is not None
+        _, writer = await asyncio.open_connection(url.host, url.port)
+        try:
+            writer.write(
+                b"POST /api/items HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+            )
+            await writer.drain()
+
+            async def the_chunk_reached_the_forwarding() -> None:
+                assert ("/api/items", "http.request", True) in received, received
+
+            await eventually(the_chunk_reached_the_forwarding, within=DEADLINE)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+        async def the_gateway_is_done_with_it() -> None:
+            # Counted only once the middleware below the edge returned: after any forward was made.
+            counts = await gateway.metrics()
+            assert any((method, route) == ("POST", "/api/items") for method, route, _ in counts), counts
+
+        await eventually(the_gateway_is_done_with_it, within=DEADLINE)
+        assert [entry for entry in received if entry[0] == "/api/items"] == [
+            ("/api/items", "http.request", True),
+            ("/api/items", "http.disconnect", False),
+        ]
+        assert upstream.seen == []
+        assert gateway.own_calls == []
+
+
+async def test_an_oversized_chunked_body_gets_the_same_413_on_a_forwarded_and_an_ordinary_route(
+    upstream: Upstream, gateway: Gateway
+) -> None:
+    """A chunked body over the limit gets the same 413 body from a forwarded route and a FastAPI one."""
+    over = b'{"text": "' + b"x" * MAX_BODY + b'"}'
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield over
+
+    forwarded = await gateway.call("POST", "/api/items", data=chunked())
+    ordinary = await gateway.call("POST", "/api/notes", data=chunked())
+    assert (forwarded.status, ordinary.status) == (413, 413), (forwarded, ordinary)
+    assert error_of(forwarded) == {
+        "code": "payload_too_large",
+        "message": f"the request body is larger than {MAX_BODY} bytes",
+    }
+    assert ordinary.body == forwarded.body
+    assert ordinary.headers["Content-Type"] == forwarded.headers["Content-Type"]
+    assert upstream.seen == []
+    assert gateway.own_calls == []
+
+
+async def test_of_repeated_authorization_and_idempotency_key_headers_only_the_first_is_forwarded(
+    upstream: Upstream, gateway: Gateway
+) -> None:
+    """Of two Authorization and two Idempotency-Key headers, the upstream gets the first of each, once."""
+    headers = [
+        ("Authorization", "Bearer first"),
+        ("Idempotency-Key", "key-first"),
+        ("Authorization", "Bearer second"),
+        ("Idempotency-Key", "key-second"),
+    ]
+    reply = await gateway.call("GET", "/api/items/abc", headers=headers)
+    assert reply.status == 200, reply
+    # The upstream's record() refuses (500) a request carrying any header name twice.
+    [seen] = upstream.seen
+    assert seen.headers["authorization"] == "Bearer first"
+    assert seen.headers["idempotency-key"] == "key-first"
+
+
+async def test_an_upstream_503_is_retried_for_a_post_forward_declared_idempotent(
+    upstream: Upstream, gateway: Gateway
+) -> None:
+    """A POST whose Forward says idempotent=True, answered 503 once, is sent again: the caller gets 201."""
+    upstream.unavailable_left = 1
+    body = b'{"handle": "ada", "password": "pw"}'
+    reply = await gateway.call("POST", "/api/sessions", data=body)
+    assert (reply.status, reply.body) == (201, b'{"created": ' + body + b"}"), reply
+    assert upstream.calls["POST /internal/sessions"] == 2
+    assert [seen.body for seen in upstream.seen] == [body, body]

@@ -705,3 +705,39 @@ async def test_a_header_the_pool_frames_itself_is_refused_before_anything_is_sen
             )
         await origin.request("GET", "/good", timeout_seconds=DEADLINE)
         assert_only_request(server, b"GET /good HTTP/1.1")
+
+
+# --- answers nobody asked for ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "stray",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTALE",
+        # Announces more than it carries: on a reused connection the next answer would complete it.
+        b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\nSTALE",
+    ],
+)
+async def test_a_second_answer_in_the_same_write_closes_the_connection(
+    session: HttpSession, stray: bytes
+) -> None:
+    """An answer followed, in one write, by an answer nobody asked for: that connection is not reused."""
+
+    async def answer_the_first_request_twice(connection: RawConnection) -> None:
+        while await connection.next_request() is not None:
+            answer = ok(f"connection {connection.number} request {len(connection.requests)}".encode())
+            if connection.number == 0 and len(connection.requests) == 1:
+                answer += stray
+            await connection.send(answer)
+
+    async with raw_server(answer_the_first_request_twice) as server:
+        origin = session.origin(server.url)
+        first = await origin.request("GET", "/a", timeout_seconds=DEADLINE)
+        assert first == HttpAnswer(200, b"connection 0 request 1")
+        second = await origin.request("GET", "/b", timeout_seconds=DEADLINE)
+        assert b"STALE" not in second.body, second
+        assert second == HttpAnswer(200, b"connection 1 request 1")
+        await ended(server.connections[0])
+        assert len(server.connections) == 2
+        assert [len(connection.requests) for connection in server.connections] == [1, 1]
+        assert server.connections[1].requests[0].startswith(b"GET /b HTTP/1.1\r\n")

@@ -42,7 +42,7 @@ __all__ = ["FORWARDED", "AccountIds", "ServiceState", "ServiceStatus", "StatusAn
 
 FORWARDED = (
     Forward("POST", "/api/v1/users", USERS, "/users/accounts"),
-    Forward("POST", "/api/v1/sessions", USERS, "/users/sessions"),
+    Forward("POST", "/api/v1/sessions", USERS, "/users/sessions", idempotent=True),
     Forward("GET", "/api/v1/users/{handle}", USERS, "/users/handles/{handle}"),
     Forward("PATCH", "/api/v1/me", USERS, "/users/me"),
     Forward("PUT", "/api/v1/me/following/{handle}", USERS, "/users/me/following/{handle}"),

@@ -40,6 +40,8 @@ class Forward:
     path: str
     service: str
     target: str
+    idempotent: bool | None = None
+    """Whether it may be retried; None: by its method, as `ServiceClient.call` decides."""
 
     def __post_init__(self) -> None:
         for template in (self.path, self.target):
@@ -99,11 +101,13 @@ class Forwarding:
 
     async def _forward(self, route: _Route, target: str, scope: Scope, receive: Receive, send: Send) -> None:
         body = await _read_body(receive)
-        headers = {
-            name.decode("latin-1"): value.decode("latin-1")
-            for name, value in scope["headers"]
-            if name in _FORWARDED_HEADERS
-        }
+        if body is None:
+            return  # the caller went away before sending the whole request: nothing to do for it
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            if name in _FORWARDED_HEADERS:
+                # The first of repeated headers, as FastAPI's Header() reads them.
+                headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
         try:
             answer = await route.client.forward(
                 scope["method"],
@@ -111,6 +115,7 @@ class Forwarding:
                 query=scope["query_string"].decode("latin-1"),
                 body=body or None,
                 headers=headers,
+                idempotent=route.forward.idempotent,
             )
         except ServiceError as exc:
             await send_json(send, exc.status, exc.body())
@@ -136,16 +141,16 @@ class Forwarding:
         await send({"type": "http.response.body", "body": answer.body})
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None if the caller disconnected before sending all of it."""
     chunks: list[bytes] = []
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            break
+            return None
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
+            return b"".join(chunks)
 
 
 def _is_name(segment: str) -> bool:

@@ -84,6 +84,11 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self._fail(ConnectionClosed("the connection closed before the answer was complete"))
 
+    def on_message_begin(self) -> None:
+        """An answer starts: refuse one nobody asked for, such as a second answer in the same read."""
+        if self._answer is None:
+            raise ConnectionClosed("the server sent an answer nobody asked for")
+
     def on_headers_complete(self) -> None:
         """The status line and headers are in."""
         self._status = self._parser.get_status_code()

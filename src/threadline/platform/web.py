@@ -187,7 +187,7 @@ class _EdgeMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
-                    raise _BodyTooLarge()
+                    raise _BodyTooLarge(self._too_large_message())
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -213,8 +213,8 @@ class _EdgeMiddleware:
 
 
 class _BodyTooLarge(StarletteHTTPException):
-    def __init__(self) -> None:
-        super().__init__(413, "the request body is too large")
+    def __init__(self, message: str) -> None:
+        super().__init__(413, message)
 
 
 def _parse_ms(raw: bytes | None) -> float | None:
