@@ -695,6 +695,9 @@ async def test_a_caller_gone_before_the_last_chunk_of_its_body_is_not_forwarded(
         ]
         assert upstream.seen == []
         assert gateway.own_calls == []
+        assert [status for method, route, status in await gateway.metrics() if route == "/api/items"] == [
+            499
+        ], "an unanswered request counts as closed by its caller, not as a server error"
 
 
 async def test_an_oversized_chunked_body_gets_the_same_413_on_a_forwarded_and_an_ordinary_route(

@@ -131,6 +131,11 @@ class JsonResponse(Response):
         return orjson.dumps(content)
 
 
+# Counted for a request the app returned from without answering: its caller went away first.
+# (Not sent to anyone; the number is the one proxies such as nginx log for it.)
+_CLIENT_CLOSED_REQUEST = 499
+
+
 class _Metrics:
     """Request counts and time per route, in the Prometheus text format."""
 
@@ -179,6 +184,7 @@ class _EdgeMiddleware:
             await send_error(send, 413, "payload_too_large", self._too_large_message())
             return
         status = 500
+        answered = False
         received = 0
 
         async def limited_receive() -> Message:
@@ -191,15 +197,17 @@ class _EdgeMiddleware:
             return message
 
         async def tracking_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answered = message["status"], True
             await send(message)
 
         timeout_ms = headers.get(DEADLINE_HEADER)
         try:
             with deadline_scope(_parse_ms(timeout_ms)):
                 await self.app(scope, limited_receive, tracking_send)
+            if not answered:
+                status = _CLIENT_CLOSED_REQUEST
         except _BodyTooLarge:
             status = 413
             await send_error(send, 413, "payload_too_large", self._too_large_message())
