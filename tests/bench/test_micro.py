@@ -9,6 +9,7 @@ import psutil
 import pytest
 
 from threadline.bench.micro import (
+    ADAPTER,
     ADDED,
     ADDED_LOADED,
     BACKGROUND,
@@ -18,7 +19,10 @@ from threadline.bench.micro import (
     HOP,
     HOP_LOADED,
     HOP_SATURATED,
+    HTTPX,
     LOCAL,
+    NATS,
+    RAW_AIOHTTP,
     RESULT_NAMES,
     MicroResult,
     micro_report,
@@ -99,6 +103,16 @@ def test_saturation_rows_carry_cpu_per_call_of_each_process(run: Run) -> None:
     assert run.row(HELLO_SATURATED).cpu_us_per_call["echo"] > 0
     assert run.row(HOP_SATURATED).cpu_us_per_call["gateway"] > 0
     assert set(run.row(HOP_SATURATED).cpu_us_per_call) == {"caller", "gateway", "echo"}
+
+
+def test_rows_of_one_call_each_way_carry_the_cpu_of_caller_and_echo_server(run: Run) -> None:
+    """Local adapter to NATS: CPU per call of caller and echo server; a hop costs the caller far more."""
+    for name in (LOCAL, ADAPTER, RAW_AIOHTTP, HTTPX, NATS):
+        assert set(run.row(name).cpu_us_per_call) == {"caller", "echo"}, name
+        assert run.row(name).cpu_us_per_call["caller"] > 0, name
+    # A hop makes the caller encode, write, read and decode: far more than a function call.
+    for name in (ADAPTER, RAW_AIOHTTP, HTTPX, NATS):
+        assert run.row(name).cpu_us_per_call["caller"] > 10 * run.row(LOCAL).cpu_us_per_call["caller"], name
 
 
 def test_local_adapter_is_faster_than_any_call_over_the_network(run: Run) -> None:

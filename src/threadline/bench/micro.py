@@ -158,8 +158,9 @@ class MicroResult:
 
     `calls_per_s` is one sequential caller's rate for the latency rows, all callers' rate for the
     32-caller rows, the achieved rate of the open-loop load, and 0 for the derived "added" rows.
-    `cpu_us_per_call` is set on the 32-caller rows only: CPU µs per call of each process (caller,
-    gateway, echo).
+    `cpu_us_per_call` is CPU µs per call of each process: caller and echo server on the rows of
+    one call made each way (local adapter to NATS), caller, gateway and echo on the 32-caller rows;
+    empty elsewhere.
     """
 
     name: str
@@ -240,12 +241,16 @@ def micro_report(results: Sequence[MicroResult]) -> dict[str, Any]:
 def render_table(results: Sequence[MicroResult]) -> str:
     """The rows as an aligned text table, then the per-hop summary against the targets."""
     width = max(len(result.name) for result in results)
-    lines = [f"{'call':<{width}}  {'calls':>7}  {'p50 µs':>9}  {'p90 µs':>9}  {'p99 µs':>9}  {'calls/s':>9}"]
+    lines = [
+        f"{'call':<{width}}  {'calls':>7}  {'p50 µs':>9}  {'p90 µs':>9}  {'p99 µs':>9}  {'calls/s':>9}"
+        f"  {'caller CPU µs':>13}"
+    ]
     for r in results:
         rate = f"{r.calls_per_s:9,.0f}" if r.calls_per_s else f"{'—':>9}"
-        lines.append(
-            f"{r.name:<{width}}  {r.calls:>7}  {r.p50_us:>9.1f}  {r.p90_us:>9.1f}  {r.p99_us:>9.1f}  {rate}"
-        )
+        caller = r.cpu_us_per_call.get("caller")
+        cpu = f"{caller:13.1f}" if caller is not None else f"{'—':>13}"
+        percentiles = f"{r.p50_us:>9.1f}  {r.p90_us:>9.1f}  {r.p99_us:>9.1f}"
+        lines.append(f"{r.name:<{width}}  {r.calls:>7}  {percentiles}  {rate}  {cpu}")
     report = micro_report(results)
     added, loaded, met = (
         report["added_per_hop_ms"],
@@ -403,7 +408,14 @@ class _Bench:
                 (NATS, via_nats),
             ]:
                 await self._expect(name, call, _PAYLOAD)
-                self._add(_row(name, await _sequential(call, self.calls, self.warmup)))
+                # The caller's own CPU from its precise per-process clock; the echo server's in ticks.
+                caller_before = time.process_time()
+                with _cpu_seconds({"echo": self.echo.process.pid}) as used:
+                    samples_ns = await _sequential(call, self.calls, self.warmup)
+                used["caller"] = time.process_time() - caller_before
+                made = self.calls + self.warmup
+                cpu = {who: round(used[who] * 1e6 / made, 1) for who in ("caller", "echo")}
+                self._add(replace(_row(name, samples_ns), cpu_us_per_call=cpu))
             await self._expect(HELLO, hello, _HELLO)
             await self._expect(HOP, hop, _HELLO)
             await self._interleaved(hello, hop, HELLO, HOP, ADDED)
