@@ -659,36 +659,46 @@ def test_forward_refuses_a_parameter_that_is_not_a_whole_segment(path: str, targ
 # --- callers that go away, limits on every route, repeated headers, declared idempotence -------------
 
 
+async def send_unfinished_chunked_post(
+    gateway: Gateway, path: str, received: list[tuple[str, str, bool]]
+) -> None:
+    """POST one complete JSON chunk to `path`, never the last chunk, and hang up once it arrived."""
+    chunk = b'{"text": "never finished"}'
+    url = URL(gateway.url)
+    assert url.host is not None
+    assert url.port is not None
+    _, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n".encode()
+            + b"Transfer-Encoding: chunked\r\n\r\n"
+            + f"{len(chunk):x}\r\n".encode()
+            + chunk
+            + b"\r\n"
+        )
+        await writer.drain()
+
+        async def the_chunk_arrived() -> None:
+            assert (path, "http.request", True) in received, received
+
+        await eventually(the_chunk_arrived, within=DEADLINE)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    async def the_gateway_is_done_with_it() -> None:
+        # Counted only once the edge middleware returned: after anything the request caused.
+        counts = await gateway.metrics()
+        assert any((method, route) == ("POST", path) for method, route, _ in counts), counts
+
+    await eventually(the_gateway_is_done_with_it, within=DEADLINE)
+
+
 async def test_a_caller_gone_before_the_last_chunk_of_its_body_is_not_forwarded(upstream: Upstream) -> None:
     """A chunked POST whose caller disconnects after a chunk, before the last, never reaches the upstream."""
     received: list[tuple[str, str, bool]] = []
-    chunk = b'{"text": "never finished"}'
     async with running_gateway(upstream.url, outer=[Middleware(ReceiveLog, log=received)]) as gateway:
-        url = URL(gateway.url)
-        assert url.host is not None
-        assert url.port is not None
-        _, writer = await asyncio.open_connection(url.host, url.port)
-        try:
-            writer.write(
-                b"POST /api/items HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
-            )
-            await writer.drain()
-
-            async def the_chunk_reached_the_forwarding() -> None:
-                assert ("/api/items", "http.request", True) in received, received
-
-            await eventually(the_chunk_reached_the_forwarding, within=DEADLINE)
-        finally:
-            writer.close()
-            await writer.wait_closed()
-
-        async def the_gateway_is_done_with_it() -> None:
-            # Counted only once the middleware below the edge returned: after any forward was made.
-            counts = await gateway.metrics()
-            assert any((method, route) == ("POST", "/api/items") for method, route, _ in counts), counts
-
-        await eventually(the_gateway_is_done_with_it, within=DEADLINE)
+        await send_unfinished_chunked_post(gateway, "/api/items", received)
         assert [entry for entry in received if entry[0] == "/api/items"] == [
             ("/api/items", "http.request", True),
             ("/api/items", "http.disconnect", False),
@@ -697,7 +707,16 @@ async def test_a_caller_gone_before_the_last_chunk_of_its_body_is_not_forwarded(
         assert gateway.own_calls == []
         assert [status for method, route, status in await gateway.metrics() if route == "/api/items"] == [
             499
-        ], "an unanswered request counts as closed by its caller, not as a server error"
+        ], "a request its caller left counts as closed by its caller, not as a server error"
+
+
+async def test_a_caller_gone_mid_body_counts_as_499_on_an_ordinary_route_too(upstream: Upstream) -> None:
+    """FastAPI answers a body cut short with a 400 nobody reads; the metrics say the caller left."""
+    received: list[tuple[str, str, bool]] = []
+    async with running_gateway(upstream.url, outer=[Middleware(ReceiveLog, log=received)]) as gateway:
+        await send_unfinished_chunked_post(gateway, "/api/notes", received)
+        assert gateway.own_calls == []
+        assert [status for method, route, status in await gateway.metrics() if route == "/api/notes"] == [499]
 
 
 async def test_an_oversized_chunked_body_gets_the_same_413_on_a_forwarded_and_an_ordinary_route(

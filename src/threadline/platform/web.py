@@ -131,8 +131,8 @@ class JsonResponse(Response):
         return orjson.dumps(content)
 
 
-# Counted for a request the app returned from without answering: its caller went away first.
-# (Not sent to anyone; the number is the one proxies such as nginx log for it.)
+# Counted for a request whose caller went away before it was answered (nobody receives it; the
+# number is the one proxies such as nginx log for it).
 _CLIENT_CLOSED_REQUEST = 499
 
 
@@ -184,13 +184,15 @@ class _EdgeMiddleware:
             await send_error(send, 413, "payload_too_large", self._too_large_message())
             return
         status = 500
-        answered = False
+        answered = caller_left = False
         received = 0
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, caller_left
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.disconnect" and not answered:
+                caller_left = True
+            elif message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     raise _BodyTooLarge(self._too_large_message())
@@ -206,12 +208,14 @@ class _EdgeMiddleware:
         try:
             with deadline_scope(_parse_ms(timeout_ms)):
                 await self.app(scope, limited_receive, tracking_send)
-            if not answered:
-                status = _CLIENT_CLOSED_REQUEST
         except _BodyTooLarge:
-            status = 413
+            status, answered = 413, True
             await send_error(send, 413, "payload_too_large", self._too_large_message())
         finally:
+            if caller_left or not answered:
+                # Whatever the app made of it (FastAPI answers a body cut short with a 400), the
+                # request ended because its caller left; an exception that left no answer is a 500.
+                status = _CLIENT_CLOSED_REQUEST if caller_left else 500
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             self.metrics.observe(scope["method"], path, status, time.perf_counter() - started)
