@@ -468,10 +468,7 @@ class _Bench:
 async def _fetch(request: Any) -> Any:
     """The decoded JSON answer of an aiohttp request context, which must be a 200."""
     async with request as response:
-        body = await response.read()
-        if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status}: {body[:200]!r}")
-        return orjson.loads(body)
+        return _decoded(HttpAnswer(response.status, await response.read()))
 
 
 def _decoded(answer: HttpAnswer) -> Any:

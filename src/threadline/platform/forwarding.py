@@ -124,20 +124,10 @@ class Forwarding:
             log.exception("forwarding %s %s failed", scope["method"], scope["path"])
             await send_error(send, 500, "internal_error", UNEXPECTED_ERROR)
             return
-        if answer.status == 204:
-            await send({"type": "http.response.start", "status": 204, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-            return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": answer.status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(answer.body)).encode()),
-                ],
-            }
-        )
+        content: list[tuple[bytes, bytes]] = []  # 204: no content, so no content headers
+        if answer.status != 204:
+            content = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer.body))]
+        await send({"type": "http.response.start", "status": answer.status, "headers": content})
         await send({"type": "http.response.body", "body": answer.body})
 
 
