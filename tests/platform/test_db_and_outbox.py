@@ -17,6 +17,7 @@ from threadline.platform.db import (
     Database,
     Migrations,
     PagedQuery,
+    Query,
     Transaction,
     UtcDateTime,
     insert_ignoring_conflicts,
@@ -579,6 +580,80 @@ async def test_paging_walks_every_row_newest_first_exactly_once(db: Database, to
     assert all(len(page) == limit for page in pages[:-1])
     assert 0 < len(pages[-1]) <= limit or total == 0
     assert len(pages) == max(1, -(-total // limit))
+
+
+NOTES_AMONG = Query(
+    sa.select(
+        notes_table.c.id,
+        notes_table.c.body,
+        notes_table.c.created_at,
+        (notes_table.c.created_at.is_(None)).label("undated"),
+        sa.literal(7).label("seven"),
+    )
+    .where(notes_table.c.id.in_(sa.bindparam("ids", expanding=True)))
+    .order_by(notes_table.c.id)
+)
+NOTES_BEFORE = Query(
+    sa.select(notes_table.c.id)
+    .where(notes_table.c.created_at < sa.bindparam("before", type_=UtcDateTime), notes_table.c.body == "x")
+    .order_by(notes_table.c.id)
+)
+
+
+async def insert_dated_notes(db: Database, count_: int) -> list[tuple[str, datetime | None]]:
+    """`count_` notes, the first undated and the others an hour apart, in id order."""
+    start = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    notes = [(new_id(), None if i == 0 else start + timedelta(hours=i)) for i in range(count_)]
+    async with db.write() as conn:
+        await conn.execute(
+            notes_table.insert(), [{"id": note_id, "body": "x", "created_at": at} for note_id, at in notes]
+        )
+    return notes
+
+
+async def test_a_query_reads_the_rows_and_types_sqlalchemy_reads(db: Database) -> None:
+    """Rows of a prebuilt query equal SQLAlchemy's own reading: aware UTC times, None, booleans, literals."""
+    notes = await insert_dated_notes(db, 4)
+    ids = [note_id for note_id, _ in notes]
+    async with db.read() as conn:
+        rows = await conn.fetch(NOTES_AMONG, {"ids": ids})
+        expected = (await conn.execute(NOTES_AMONG.statement, {"ids": ids})).all()
+    assert [tuple(row) for row in rows] == [tuple(row) for row in expected]
+    assert [(row.id, row.created_at, row.undated, row.seven) for row in rows] == [
+        (note_id, at, at is None, 7) for note_id, at in notes
+    ]
+    assert all(row.created_at is None or row.created_at.tzinfo is UTC for row in rows)
+    assert rows[0]._asdict() == {"id": ids[0], "body": "x", "created_at": None, "undated": True, "seven": 7}
+
+
+@pytest.mark.parametrize("asked", [0, 1, 2, 5])
+async def test_a_query_expands_a_list_parameter_of_any_length(db: Database, asked: int) -> None:
+    """A list parameter matches exactly its items, whatever its length (the empty list matches nothing)."""
+    notes = await insert_dated_notes(db, 6)
+    wanted = [note_id for note_id, _ in notes[1 : 1 + asked]]
+    async with db.read() as conn:
+        rows = await conn.fetch(NOTES_AMONG, {"ids": [*wanted, "no such note"]})
+    assert [row.id for row in rows] == wanted
+
+
+async def test_a_query_binds_times_through_their_type_and_its_own_literals(db: Database) -> None:
+    """An aware time parameter is compared as stored (UTC), whatever its zone; `body == "x"` is bound too."""
+    notes = await insert_dated_notes(db, 4)
+    async with db.write() as conn:
+        await conn.execute(notes_table.insert().values(id=new_id(), body="y", created_at=utcnow()))
+    third = notes[2][1]
+    assert third is not None
+    in_another_zone = third.astimezone(timezone(timedelta(hours=-5)))
+    async with db.read() as conn:
+        rows = await conn.fetch(NOTES_BEFORE, {"before": in_another_zone})
+    assert [row.id for row in rows] == [notes[1][0]]
+
+
+def test_a_query_whose_columns_share_a_name_is_refused_when_built() -> None:
+    """Two selected columns of one name would make rows ambiguous: refused at import, not on a request."""
+    other = sa.table("other", sa.column("id"))
+    with pytest.raises(ValueError, match="id"):
+        Query(sa.select(notes_table.c.id, other.c.id))
 
 
 def test_page_of_splits_the_extra_row_into_a_cursor() -> None:

@@ -10,6 +10,7 @@ from threadline.platform.db import (
     Database,
     Migrations,
     PagedQuery,
+    Query,
     SqlStore,
     Transaction,
     UtcDateTime,
@@ -69,12 +70,22 @@ _TIMELINE = PagedQuery(
     sa.select(timeline_entries.c.post_id).where(timeline_entries.c.owner_id == sa.bindparam("owner_id")),
     timeline_entries.c.post_id,
 )
-_FOLLOWERS = sa.select(follows.c.follower_id).where(
-    follows.c.followee_id == sa.bindparam("followee_id"), follows.c.following
+_FOLLOW_EDGE = Query(
+    sa.select(follows).where(
+        follows.c.follower_id == sa.bindparam("follower_id"),
+        follows.c.followee_id == sa.bindparam("followee_id"),
+    )
 )
-_COPIES_AMONG = sa.select(post_copies).where(post_copies.c.id.in_(sa.bindparam("post_ids", expanding=True)))
-_DELETED_AMONG = sa.select(deleted_posts.c.id).where(
-    deleted_posts.c.id.in_(sa.bindparam("post_ids", expanding=True))
+_FOLLOWERS = Query(
+    sa.select(follows.c.follower_id).where(
+        follows.c.followee_id == sa.bindparam("followee_id"), follows.c.following
+    )
+)
+_COPIES_AMONG = Query(
+    sa.select(post_copies).where(post_copies.c.id.in_(sa.bindparam("post_ids", expanding=True)))
+)
+_DELETED_AMONG = Query(
+    sa.select(deleted_posts.c.id).where(deleted_posts.c.id.in_(sa.bindparam("post_ids", expanding=True)))
 )
 
 
@@ -87,18 +98,15 @@ def _copy_row(post: PostCopy) -> dict[str, Any]:
     }
 
 
-def _copy(row: sa.Row[Any]) -> PostCopy:
-    m = row._mapping
+def _copy(row: Any) -> PostCopy:
     return PostCopy(
-        id=m["id"],
-        author=AuthorPublic(
-            id=m["author_id"], handle=m["author_handle"], display_name=m["author_display_name"]
-        ),
-        text=m["text"],
-        reply_to=m["reply_to"],
-        root_id=m["root_id"],
-        audience=m["audience"],
-        created_at=m["created_at"],
+        id=row.id,
+        author=AuthorPublic(id=row.author_id, handle=row.author_handle, display_name=row.author_display_name),
+        text=row.text,
+        reply_to=row.reply_to,
+        root_id=row.root_id,
+        audience=row.audience,
+        created_at=row.created_at,
     )
 
 
@@ -107,14 +115,8 @@ class SqlFeedTransaction(Transaction):
 
     async def follow_edge(self, follower_id: str, followee_id: str) -> FollowEdge | None:
         """The latest known state of one follow."""
-        row = (
-            await self.conn.execute(
-                sa.select(follows).where(
-                    follows.c.follower_id == follower_id, follows.c.followee_id == followee_id
-                )
-            )
-        ).first()
-        return None if row is None else FollowEdge.model_validate(dict(row._mapping))
+        rows = await self.conn.fetch(_FOLLOW_EDGE, {"follower_id": follower_id, "followee_id": followee_id})
+        return FollowEdge.model_validate(rows[0]._asdict()) if rows else None
 
     async def save_follow_edge(self, edge: FollowEdge) -> bool:
         """Insert the edge, or replace an older one."""
@@ -133,8 +135,8 @@ class SqlFeedTransaction(Transaction):
 
     async def followers(self, followee_id: str) -> list[str]:
         """Who currently follows `followee_id`."""
-        rows = await self.conn.execute(_FOLLOWERS, {"followee_id": followee_id})
-        return [str(follower_id) for (follower_id,) in rows]
+        rows = await self.conn.fetch(_FOLLOWERS, {"followee_id": followee_id})
+        return [str(row.follower_id) for row in rows]
 
     async def keep_post(self, post: PostCopy) -> None:
         """Insert the copy, or fill in the text a stored copy lacked."""
@@ -151,14 +153,14 @@ class SqlFeedTransaction(Transaction):
         """The stored copies among `post_ids`."""
         if not post_ids:
             return []
-        return [_copy(row) for row in await self.conn.execute(_COPIES_AMONG, {"post_ids": post_ids})]
+        return [_copy(row) for row in await self.conn.fetch(_COPIES_AMONG, {"post_ids": post_ids})]
 
     async def deleted_among(self, post_ids: list[str]) -> set[str]:
         """Which of `post_ids` are tombstoned."""
         if not post_ids:
             return set()
-        rows = await self.conn.execute(_DELETED_AMONG, {"post_ids": post_ids})
-        return {str(post_id) for (post_id,) in rows}
+        rows = await self.conn.fetch(_DELETED_AMONG, {"post_ids": post_ids})
+        return {str(row.id) for row in rows}
 
     async def mark_deleted(self, post_id: str) -> None:
         """Tombstone the post, drop its copy and its timeline entries."""

@@ -11,6 +11,7 @@ from threadline.platform.db import (
     Database,
     Migrations,
     PagedQuery,
+    Query,
     SqlStore,
     Transaction,
     UtcDateTime,
@@ -66,6 +67,21 @@ subscriptions = sa.Table(
 _SUBSCRIPTIONS_OF = PagedQuery(
     sa.select(subscriptions).where(subscriptions.c.subscriber_id == sa.bindparam("subscriber_id")),
     subscriptions.c.id,
+)
+_SUBSCRIPTION = Query(sa.select(subscriptions).where(subscriptions.c.id == sa.bindparam("subscription_id")))
+_ACTIVE_SUBSCRIPTION = Query(
+    sa.select(subscriptions).where(
+        subscriptions.c.subscriber_id == sa.bindparam("subscriber_id"),
+        subscriptions.c.creator_id == sa.bindparam("creator_id"),
+        subscriptions.c.status == "active",
+    )
+)
+_ENTITLED_CREATORS = Query(
+    sa.select(subscriptions.c.creator_id).where(
+        subscriptions.c.subscriber_id == sa.bindparam("subscriber_id"),
+        subscriptions.c.creator_id.in_(sa.bindparam("creator_ids", expanding=True)),
+        subscriptions.c.status == "active",
+    )
 )
 
 tips = sa.Table(
@@ -127,8 +143,8 @@ sandbox_charges = sa.Table(
 )
 
 
-def _subscription(row: sa.Row[Any]) -> SubscriptionRecord:
-    return SubscriptionRecord.model_validate(dict(row._mapping))
+def _subscription(row: Any) -> SubscriptionRecord:
+    return SubscriptionRecord.model_validate(row._asdict())
 
 
 def _idempotency_record(row: sa.Row[Any]) -> IdempotencyRecord:
@@ -168,23 +184,15 @@ class SqlPaymentTransaction(Transaction):
 
     async def subscription(self, subscription_id: str) -> SubscriptionRecord | None:
         """One subscription, in any state."""
-        row = (
-            await self.conn.execute(sa.select(subscriptions).where(subscriptions.c.id == subscription_id))
-        ).first()
-        return None if row is None else _subscription(row)
+        rows = await self.conn.fetch(_SUBSCRIPTION, {"subscription_id": subscription_id})
+        return _subscription(rows[0]) if rows else None
 
     async def active_subscription(self, subscriber_id: str, creator_id: str) -> SubscriptionRecord | None:
         """The active subscription of a subscriber to a creator."""
-        row = (
-            await self.conn.execute(
-                sa.select(subscriptions).where(
-                    subscriptions.c.subscriber_id == subscriber_id,
-                    subscriptions.c.creator_id == creator_id,
-                    subscriptions.c.status == "active",
-                )
-            )
-        ).first()
-        return None if row is None else _subscription(row)
+        rows = await self.conn.fetch(
+            _ACTIVE_SUBSCRIPTION, {"subscriber_id": subscriber_id, "creator_id": creator_id}
+        )
+        return _subscription(rows[0]) if rows else None
 
     async def insert_subscription(self, subscription: SubscriptionRecord) -> None:
         """Store a new subscription; a second active one for the same pair violates a unique index."""
@@ -211,14 +219,10 @@ class SqlPaymentTransaction(Transaction):
 
     async def entitled_creators(self, subscriber_id: str, creator_ids: list[str]) -> set[str]:
         """One lookup on the (subscriber_id, creator_id, status) index."""
-        rows = await self.conn.execute(
-            sa.select(subscriptions.c.creator_id).where(
-                subscriptions.c.subscriber_id == subscriber_id,
-                subscriptions.c.creator_id.in_(creator_ids),
-                subscriptions.c.status == "active",
-            )
+        rows = await self.conn.fetch(
+            _ENTITLED_CREATORS, {"subscriber_id": subscriber_id, "creator_ids": creator_ids}
         )
-        return {str(creator_id) for (creator_id,) in rows}
+        return {str(row.creator_id) for row in rows}
 
     async def insert_tip(self, tip: TipRecord) -> None:
         """Store a tip."""

@@ -10,6 +10,7 @@ from threadline.platform.db import (
     Database,
     Migrations,
     PagedQuery,
+    Query,
     SqlStore,
     Transaction,
     UtcDateTime,
@@ -60,34 +61,38 @@ authors = sa.Table(
 _POST_WITH_AUTHOR = sa.select(
     posts, authors.c.handle, authors.c.display_name, (posts.c.deleted_at.is_not(None)).label("deleted")
 ).join(authors, authors.c.id == posts.c.author_id)
-_POST_BY_ID = _POST_WITH_AUTHOR.where(posts.c.id == sa.bindparam("post_id"))
-_LIVE_POSTS_AMONG = _POST_WITH_AUTHOR.where(
-    posts.c.id.in_(sa.bindparam("post_ids", expanding=True)), posts.c.deleted_at.is_(None)
+_POST_BY_ID = Query(_POST_WITH_AUTHOR.where(posts.c.id == sa.bindparam("post_id")))
+_LIVE_POSTS_AMONG = Query(
+    _POST_WITH_AUTHOR.where(
+        posts.c.id.in_(sa.bindparam("post_ids", expanding=True)), posts.c.deleted_at.is_(None)
+    )
 )
 _LIVE_POSTS_BY_AUTHOR = PagedQuery(
     _POST_WITH_AUTHOR.where(posts.c.author_id == sa.bindparam("author_id"), posts.c.deleted_at.is_(None)),
     posts.c.id,
 )
-_LIKED_AMONG = sa.select(likes.c.post_id).where(
-    likes.c.user_id == sa.bindparam("user_id"), likes.c.post_id.in_(sa.bindparam("post_ids", expanding=True))
+_LIKED_AMONG = Query(
+    sa.select(likes.c.post_id).where(
+        likes.c.user_id == sa.bindparam("user_id"),
+        likes.c.post_id.in_(sa.bindparam("post_ids", expanding=True)),
+    )
 )
-_AUTHOR_BY_ID = sa.select(authors).where(authors.c.id == sa.bindparam("author_id"))
+_AUTHOR_BY_ID = Query(sa.select(authors).where(authors.c.id == sa.bindparam("author_id")))
 _INSERT_POST = posts.insert()
 
 
-def _record(row: sa.Row[Any]) -> PostRecord:
-    m = row._mapping
+def _record(row: Any) -> PostRecord:
     return PostRecord(
-        id=m["id"],
-        author=AuthorPublic(id=m["author_id"], handle=m["handle"], display_name=m["display_name"]),
-        text=m["text"],
-        reply_to=m["reply_to"],
-        root_id=m["root_id"],
-        audience=m["audience"],
-        created_at=m["created_at"],
-        like_count=m["like_count"],
-        reply_count=m["reply_count"],
-        deleted=bool(m["deleted"]),
+        id=row.id,
+        author=AuthorPublic(id=row.author_id, handle=row.handle, display_name=row.display_name),
+        text=row.text,
+        reply_to=row.reply_to,
+        root_id=row.root_id,
+        audience=row.audience,
+        created_at=row.created_at,
+        like_count=row.like_count,
+        reply_count=row.reply_count,
+        deleted=bool(row.deleted),
     )
 
 
@@ -96,14 +101,14 @@ class SqlPostTransaction(Transaction):
 
     async def post(self, post_id: str) -> PostRecord | None:
         """One post, deleted or not."""
-        row = (await self.conn.execute(_POST_BY_ID, {"post_id": post_id})).first()
-        return None if row is None else _record(row)
+        rows = await self.conn.fetch(_POST_BY_ID, {"post_id": post_id})
+        return _record(rows[0]) if rows else None
 
     async def live_posts(self, post_ids: list[str]) -> list[PostRecord]:
         """The live posts among `post_ids`."""
         if not post_ids:
             return []
-        return [_record(row) for row in await self.conn.execute(_LIVE_POSTS_AMONG, {"post_ids": post_ids})]
+        return [_record(row) for row in await self.conn.fetch(_LIVE_POSTS_AMONG, {"post_ids": post_ids})]
 
     async def posts_by_author(self, author_id: str, page: PageRequest) -> tuple[list[PostRecord], str | None]:
         """A page of an author's live posts."""
@@ -152,13 +157,13 @@ class SqlPostTransaction(Transaction):
 
     async def liked_among(self, post_ids: list[str], user_id: str) -> set[str]:
         """Which of `post_ids` `user_id` has liked."""
-        rows = await self.conn.execute(_LIKED_AMONG, {"user_id": user_id, "post_ids": post_ids})
-        return {str(post_id) for (post_id,) in rows}
+        rows = await self.conn.fetch(_LIKED_AMONG, {"user_id": user_id, "post_ids": post_ids})
+        return {str(row.post_id) for row in rows}
 
     async def author(self, author_id: str) -> AuthorSnapshot | None:
         """The stored snapshot of an author."""
-        row = (await self.conn.execute(_AUTHOR_BY_ID, {"author_id": author_id})).first()
-        return None if row is None else AuthorSnapshot.model_validate(dict(row._mapping))
+        rows = await self.conn.fetch(_AUTHOR_BY_ID, {"author_id": author_id})
+        return AuthorSnapshot.model_validate(rows[0]._asdict()) if rows else None
 
     async def save_author(self, author: AuthorSnapshot) -> None:
         """Insert the snapshot, or replace an older one."""

@@ -12,6 +12,7 @@ from threadline.platform.db import (
     Database,
     Migrations,
     PagedQuery,
+    Query,
     SqlStore,
     Transaction,
     UtcDateTime,
@@ -71,6 +72,8 @@ def _follow_page_query(user_column: sa.Column[str], other: sa.Column[str]) -> Pa
     )
 
 
+_USER_BY_ID = Query(sa.select(users).where(users.c.id == sa.bindparam("user_id")))
+_USER_BY_HANDLE = Query(sa.select(users).where(users.c.handle == sa.bindparam("handle")))
 _FOLLOWERS = _follow_page_query(follows.c.followee_id, follows.c.follower_id)
 _FOLLOWING = _follow_page_query(follows.c.follower_id, follows.c.followee_id)
 
@@ -84,11 +87,11 @@ class SqlUserTransaction(Transaction):
 
     async def user_by_id(self, user_id: str) -> UserRecord | None:
         """One account by id."""
-        return await self._one(users.c.id == user_id)
+        return await self._one(_USER_BY_ID, {"user_id": user_id})
 
     async def user_by_handle(self, handle: str) -> UserRecord | None:
         """One account by handle."""
-        return await self._one(users.c.handle == handle)
+        return await self._one(_USER_BY_HANDLE, {"handle": handle})
 
     async def insert_user(self, user: UserRecord) -> bool:
         """Add an account unless the handle is taken."""
@@ -137,7 +140,7 @@ class SqlUserTransaction(Transaction):
     async def _follow_page(self, query: PagedQuery, user_id: str, page: PageRequest) -> Page[UserPublic]:
         rows, cursor = await query.page(self.conn, page, user_id=user_id)
         return Page(
-            items=[UserPublic.model_validate(row._mapping, from_attributes=False) for row in rows],
+            items=[UserPublic.model_validate(row._asdict()) for row in rows],
             next_cursor=cursor,
         )
 
@@ -153,9 +156,9 @@ class SqlUserTransaction(Transaction):
             .values(followers_count=users.c.followers_count + delta)
         )
 
-    async def _one(self, where: sa.ColumnElement[bool]) -> UserRecord | None:
-        row = (await self.conn.execute(sa.select(users).where(where))).first()
-        return None if row is None else UserRecord.model_validate(dict(row._mapping))
+    async def _one(self, query: Query, parameters: dict[str, str]) -> UserRecord | None:
+        rows = await self.conn.fetch(query, parameters)
+        return UserRecord.model_validate(rows[0]._asdict()) if rows else None
 
 
 class SqlUserStore(SqlStore[SqlUserTransaction]):
