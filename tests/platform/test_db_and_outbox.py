@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from tests.support.polling import eventually
 from threadline.platform.clock import utcnow
 from threadline.platform.db import (
+    Connection,
     Database,
     Migrations,
     PagedQuery,
@@ -265,6 +266,46 @@ async def test_a_write_that_raises_rolls_back_the_state_change_and_its_event(db:
     await add_note(db, "the next write still works")
     assert await count(db, notes_table) == 1
     assert commits == [1]
+
+
+async def synchronous_level(conn: Connection) -> int:
+    return int(await conn.scalar(sa.text("PRAGMA synchronous")))
+
+
+async def test_a_non_durable_write_commits_without_a_disk_sync_and_only_itself(
+    db: Database, db_url: str, migrations: Migrations
+) -> None:
+    """It commits for every reader, another process's included; the write after it syncs again."""
+    async with db.write(durable=False) as conn:
+        await conn.execute(notes_table.insert().values(id="bookkeeping", body="x"))
+        level_inside = await synchronous_level(conn)
+    # 1 is NORMAL (no sync at commit in WAL mode), 2 FULL; through the asyncio driver every commit syncs.
+    assert level_inside == (1 if db_url.startswith("sqlite:") else 2)
+    async with db.write() as conn:
+        assert await synchronous_level(conn) == 2
+    other = Database(db_url)
+    await other.open([migrations])
+    try:
+        assert await count(other, notes_table, notes_table.c.id == "bookkeeping") == 1
+    finally:
+        await other.close()
+
+
+async def test_a_non_durable_write_that_raises_rolls_back_and_restores_the_sync(db: Database) -> None:
+    """A failure inside a non-durable write leaves nothing, and the next write is durable again."""
+
+    async def write_then_fail() -> None:
+        async with db.write(durable=False) as conn:
+            await conn.execute(notes_table.insert().values(id=new_id(), body="doomed"))
+            raise RuntimeError("failed after writing")
+
+    with pytest.raises(RuntimeError, match="after writing"):
+        await write_then_fail()
+    assert await count(db, notes_table) == 0
+    async with db.write() as conn:
+        assert await synchronous_level(conn) == 2
+        await conn.execute(notes_table.insert().values(id=new_id(), body="kept"))
+    assert await count(db, notes_table) == 1
 
 
 async def test_a_commit_without_events_fires_no_hook(db: Database) -> None:

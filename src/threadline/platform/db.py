@@ -198,7 +198,9 @@ class _Engine(Protocol):
 
     async def close(self) -> None: ...
 
-    def write(self) -> AbstractAsyncContextManager[_SyncConnection | _AsyncConnection]: ...
+    def write(
+        self, *, durable: bool = True
+    ) -> AbstractAsyncContextManager[_SyncConnection | _AsyncConnection]: ...
 
     def read(self) -> AbstractAsyncContextManager[_SyncConnection | _AsyncConnection]: ...
 
@@ -253,19 +255,36 @@ class _SqliteOnLoop:
             self._engine = None
 
     @asynccontextmanager
-    async def write(self) -> AsyncIterator[_SyncConnection]:
+    async def write(self, *, durable: bool = True) -> AsyncIterator[_SyncConnection]:
         async with self._write_lock:
             if self._writer is None or self._committer is None:
                 raise RuntimeError("database is not open")
             driver = _driver(self._writer)
-            await _begin_immediate(driver)
-            conn = _SyncConnection(self._writer)
+            if not durable:
+                # WAL without a sync at commit: the change survives a crash of the process, and the
+                # next durable commit's sync carries it to the disk too. (SQLite refuses to change
+                # this inside a transaction.)
+                driver.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield conn
-            except BaseException:
-                driver.rollback()
-                raise
-            await _commit_on(self._committer, driver)
+                await _begin_immediate(driver)
+                conn = _SyncConnection(self._writer)
+                try:
+                    yield conn
+                except BaseException:
+                    driver.rollback()
+                    raise
+                if durable:
+                    await _commit_on(self._committer, driver)
+                else:
+                    # Nothing to wait for: committing takes less CPU than handing it to a thread.
+                    try:
+                        driver.commit()
+                    except BaseException:
+                        driver.rollback()
+                        raise
+            finally:
+                if not durable:
+                    driver.execute("PRAGMA synchronous=FULL")
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[_SyncConnection]:
@@ -355,13 +374,16 @@ class _AsyncEngine:
         self._writer = self._reader = None
 
     @asynccontextmanager
-    async def write(self) -> AsyncIterator[_AsyncConnection]:
+    async def write(self, *, durable: bool = True) -> AsyncIterator[_AsyncConnection]:
         if self._writer is None:
             raise RuntimeError("database is not open")
         async with contextlib.AsyncExitStack() as stack:
             if self._write_lock is not None:
                 await stack.enter_async_context(self._write_lock)
-            yield _AsyncConnection(await stack.enter_async_context(self._writer.begin()))
+            conn = await stack.enter_async_context(self._writer.begin())
+            if not durable and conn.dialect.name == "postgresql":
+                await conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+            yield _AsyncConnection(conn)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[_AsyncConnection]:
@@ -400,9 +422,13 @@ class Database:
         self._events_committed_hooks.append(hook)
 
     @asynccontextmanager
-    async def write(self) -> AsyncIterator[Connection]:
-        """A write transaction: committed when the block ends, rolled back if it raises."""
-        async with self._engine.write() as conn:
+    async def write(self, *, durable: bool = True) -> AsyncIterator[Connection]:
+        """A write transaction: committed when the block ends, rolled back if it raises.
+
+        A commit that is not `durable` returns before the disk has it: it survives the process
+        crashing but may be lost with the machine. Only for bookkeeping whose loss is harmless.
+        """
+        async with self._engine.write(durable=durable) as conn:
             yield conn
         if conn.events_emitted:
             for hook in self._events_committed_hooks:
