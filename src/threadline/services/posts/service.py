@@ -1,6 +1,7 @@
 """The posts application layer: implements PostsApi over its store."""
 
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
@@ -45,8 +46,13 @@ class AuthorSnapshot(BaseModel):
     version: int
 
 
-class PostRecord(BaseModel):
-    """A post as stored, with its author's snapshot."""
+@dataclass(frozen=True, slots=True)
+class PostRecord:
+    """A post as stored, with its author's snapshot.
+
+    A plain record, not a validated model: it is built only from validated input or the store's
+    own rows, and a feed read builds twenty of them per page.
+    """
 
     id: str
     author: AuthorPublic

@@ -120,9 +120,16 @@ class SqlPostTransaction(Transaction):
         await self.conn.execute(
             _INSERT_POST,
             {
-                **post.model_dump(exclude={"author", "deleted"}),
+                "id": post.id,
                 "author_id": post.author.id,
+                "text": post.text,
+                "reply_to": post.reply_to,
+                "root_id": post.root_id,
+                "audience": post.audience,
+                "created_at": post.created_at,
                 "deleted_at": None,
+                "like_count": post.like_count,
+                "reply_count": post.reply_count,
             },
         )
 
