@@ -606,7 +606,10 @@ class _CompiledForSqlite:
                 self._bind_processors[name] = process
         self.converters: list[tuple[int, Callable[[Any], Any]]] = []
         for index, column in enumerate(statement.selected_columns):
-            convert = column.type.dialect_impl(dialect).result_processor(dialect, None)
+            if isinstance(column.type, UtcDateTime):
+                convert: Callable[[Any], Any] | None = _utc_from_sqlite_text
+            else:
+                convert = column.type.dialect_impl(dialect).result_processor(dialect, None)
             if convert is not None:
                 self.converters.append((index, convert))
         self._sql_by_sizes: dict[tuple[int, ...], str] = {}
@@ -632,6 +635,14 @@ class _CompiledForSqlite:
             for i, item in enumerate(values.pop(name)):
                 values[f"{name}__{i}"] = item if item_processor is None else item_processor(item)
         return sql, values
+
+
+def _utc_from_sqlite_text(value: str | None) -> datetime | None:
+    """A stored UtcDateTime as SQLAlchemy's SQLite dialect writes it, read in one C call."""
+    if value is None:
+        return None
+    parsed = datetime.fromisoformat(value)
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 class PagedQuery:

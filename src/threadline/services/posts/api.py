@@ -48,6 +48,9 @@ class PostCreate(BaseModel):
 class AuthorPublic(BaseModel):
     """Who wrote a post, as of the latest profile the posts service has heard of."""
 
+    # Immutable, so that one object can stand for the author in every post that names it.
+    model_config = ConfigDict(frozen=True)
+
     id: str
     handle: str
     display_name: str

@@ -16,6 +16,7 @@ from threadline.platform.db import (
     UtcDateTime,
     insert_ignoring_conflicts,
 )
+from threadline.platform.lru import LruCache
 from threadline.platform.pagination import PageRequest
 from threadline.services.posts.api import SERVICE, AuthorPublic
 from threadline.services.posts.service import AuthorSnapshot, PostRecord
@@ -59,8 +60,13 @@ authors = sa.Table(
 )
 
 _POST_WITH_AUTHOR = sa.select(
-    posts, authors.c.handle, authors.c.display_name, (posts.c.deleted_at.is_not(None)).label("deleted")
+    *(column for column in posts.c if column.key != "deleted_at"),
+    authors.c.handle,
+    authors.c.display_name,
+    (posts.c.deleted_at.is_not(None)).label("deleted"),
 ).join(authors, authors.c.id == posts.c.author_id)
+# Posts of one author share one author object: building it is most of the cost of a post's record.
+_AUTHORS: LruCache[tuple[str, str, str], AuthorPublic] = LruCache(10_000)
 _POST_BY_ID = Query(_POST_WITH_AUTHOR.where(posts.c.id == sa.bindparam("post_id")))
 _LIVE_POSTS_AMONG = Query(
     _POST_WITH_AUTHOR.where(
@@ -81,10 +87,19 @@ _AUTHOR_BY_ID = Query(sa.select(authors).where(authors.c.id == sa.bindparam("aut
 _INSERT_POST = posts.insert()
 
 
+def _author(author_id: str, handle: str, display_name: str) -> AuthorPublic:
+    key = (author_id, handle, display_name)
+    author = _AUTHORS.get(key)
+    if author is None:
+        author = AuthorPublic(id=author_id, handle=handle, display_name=display_name)
+        _AUTHORS.put(key, author)
+    return author
+
+
 def _record(row: Any) -> PostRecord:
     return PostRecord(
         id=row.id,
-        author=AuthorPublic(id=row.author_id, handle=row.handle, display_name=row.display_name),
+        author=_author(row.author_id, row.handle, row.display_name),
         text=row.text,
         reply_to=row.reply_to,
         root_id=row.root_id,
