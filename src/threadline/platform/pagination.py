@@ -2,10 +2,10 @@
 
 from typing import Annotated, Generic, TypeVar
 
-from fastapi import Depends, Query
-from pydantic import BaseModel
+from fastapi import Query
+from pydantic import BaseModel, Field
 
-__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "Page", "PageRequest", "Paging", "page_request"]
+__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "Page", "PageQuery", "PageRequest", "Paging"]
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
@@ -27,13 +27,14 @@ class Page(BaseModel, Generic[T]):
     next_cursor: str | None = None
 
 
-async def page_request(
-    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
-) -> PageRequest:
-    """FastAPI dependency reading `?limit=&cursor=` with API.md's bounds."""
-    return PageRequest(limit=limit, cursor=cursor)
+class PageQuery(PageRequest):
+    """A page as asked for in `?limit=&cursor=`, within API.md's bounds."""
+
+    limit: int = Field(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT)
+    cursor: str | None = Field(None, max_length=64)
 
 
-Paging = Annotated[PageRequest, Depends(page_request)]
+# One model for both query parameters: FastAPI validates it in one step, where a dependency
+# with two parameters of its own cost it several times the CPU.
+Paging = Annotated[PageQuery, Query()]
 """A route parameter holding the requested page."""
