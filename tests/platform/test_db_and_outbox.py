@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from tests.support.polling import eventually
 from threadline.platform.clock import utcnow
 from threadline.platform.db import (
+    Command,
     Connection,
     Database,
     Migrations,
@@ -688,6 +689,67 @@ async def test_a_query_binds_times_through_their_type_and_its_own_literals(db: D
     async with db.read() as conn:
         rows = await conn.fetch(NOTES_BEFORE, {"before": in_another_zone})
     assert [row.id for row in rows] == [notes[1][0]]
+
+
+NOTE_INSERT = Command(notes_table.insert())
+NOTE_REDATE = Command(
+    notes_table.update()
+    .where(notes_table.c.id.in_(sa.bindparam("ids", expanding=True)))
+    .values(created_at=sa.bindparam("at"), body=notes_table.c.body + sa.bindparam("suffix"))
+)
+
+
+async def test_an_insert_command_stores_the_columns_its_parameters_name(db: Database) -> None:
+    """One row or many, with or without a time (converted as SQLAlchemy would); the count is what changed."""
+    at = datetime(2026, 5, 6, 7, 8, 9, 10, tzinfo=timezone(timedelta(hours=2)))
+    async with db.write() as conn:
+        assert await conn.run(NOTE_INSERT, {"id": "a", "body": "dated", "created_at": at}) == 1
+        assert await conn.run(NOTE_INSERT, {"id": "b", "body": "undated"}) == 1
+        assert await conn.run(NOTE_INSERT, [{"id": "c", "body": "x"}, {"id": "d", "body": "y"}]) == 2
+        assert await conn.run(NOTE_INSERT, []) == 0
+    async with db.read() as conn:
+        rows = (await conn.execute(sa.select(notes_table).order_by(notes_table.c.id))).all()
+    assert [tuple(row) for row in rows] == [
+        ("a", "dated", at.astimezone(UTC)),
+        ("b", "undated", None),
+        ("c", "x", None),
+        ("d", "y", None),
+    ]
+
+
+async def test_an_update_command_binds_lists_times_and_expressions(db: Database) -> None:
+    """An UPDATE changes exactly the rows its list names, and says how many it changed."""
+    notes = await insert_dated_notes(db, 4)
+    chosen = [notes[1][0], notes[3][0]]
+    now = utcnow()
+    async with db.write() as conn:
+        changed = await conn.run(NOTE_REDATE, {"ids": [*chosen, "no such note"], "at": now, "suffix": "!"})
+        assert await conn.run(NOTE_REDATE, {"ids": [], "at": now, "suffix": "?"}) == 0
+    assert changed == 2
+    async with db.read() as conn:
+        rows = (await conn.execute(sa.select(notes_table).order_by(notes_table.c.id))).all()
+    assert [(row.body, row.created_at) for row in rows] == [
+        ("x!" if note_id in chosen else "x", now if note_id in chosen else at) for note_id, at in notes
+    ]
+
+
+async def test_a_command_run_for_many_rows_refuses_lists_of_different_lengths(
+    tmp_path: Path, migrations: Migrations
+) -> None:
+    """Each length of a list is its own statement: one run for many rows cannot mix them."""
+    db = Database(f"sqlite:///{tmp_path / 'lists.db'}")
+    await db.open([migrations])
+    try:
+        await insert_dated_notes(db, 2)
+        rows = [
+            {"ids": ["a"], "at": utcnow(), "suffix": "!"},
+            {"ids": ["a", "b"], "at": utcnow(), "suffix": "!"},
+        ]
+        with pytest.raises(ValueError, match="same length"):
+            async with db.write() as conn:
+                await conn.run(NOTE_REDATE, rows)
+    finally:
+        await db.close()
 
 
 def test_a_query_whose_columns_share_a_name_is_refused_when_built() -> None:

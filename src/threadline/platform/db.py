@@ -30,6 +30,8 @@ from threadline.platform.pagination import PageRequest
 
 __all__ = [
     "PLATFORM_MIGRATIONS",
+    "Command",
+    "CommandParameters",
     "Connection",
     "Database",
     "Migrations",
@@ -137,6 +139,9 @@ class Connection(Protocol):
     async def fetch(self, query: "Query", parameters: Mapping[str, Any]) -> list[Any]:
         """Every row of a prebuilt query, as the query's named tuples."""
 
+    async def run(self, command: "Command", parameters: "CommandParameters") -> int:
+        """Run a prebuilt command once, or once per parameter set; how many rows it changed."""
+
 
 class _SyncConnection:
     """A connection whose statements run right away on the event loop's thread.
@@ -164,6 +169,10 @@ class _SyncConnection:
         """Every row of a prebuilt query, run on the driver itself."""
         return query.run_on_sqlite(_driver(self._conn), self.dialect, parameters)
 
+    async def run(self, command: "Command", parameters: "CommandParameters") -> int:
+        """Run a prebuilt command on the driver itself."""
+        return command.run_on_sqlite(_driver(self._conn), self.dialect, parameters)
+
 
 class _AsyncConnection:
     """A connection of an asyncio driver (asyncpg, aiosqlite): every statement is awaited."""
@@ -187,6 +196,16 @@ class _AsyncConnection:
         """Every row of a prebuilt query, through SQLAlchemy."""
         result = await self._conn.execute(query.statement, dict(parameters))
         return [query.row._make(row) for row in result]
+
+    async def run(self, command: "Command", parameters: "CommandParameters") -> int:
+        """Run a prebuilt command through SQLAlchemy."""
+        if isinstance(parameters, Mapping):
+            result = await self._conn.execute(command.statement, dict(parameters))
+        elif not parameters:
+            return 0
+        else:
+            result = await self._conn.execute(command.statement, [dict(row) for row in parameters])
+        return int(result.rowcount)
 
 
 _READERS_KEPT = 8
@@ -484,7 +503,7 @@ class Transaction:
         """Record an event in the outbox, committed or rolled back with the state change."""
         event = Event.of(self.source, payload)
         self.conn.events_emitted += 1
-        await self.conn.execute(
+        await self.conn.run(
             _OUTBOX_INSERT,
             {"event_id": event.id, "type": event.type, "body": event.to_json(), "created_at": utcnow()},
         )
@@ -521,35 +540,6 @@ class SqlStore(Generic[TransactionT]):
         """A read-only transaction."""
         async with self._db.read() as conn:
             yield self._transaction(conn, self._source)
-
-
-_OUTBOX_INSERT = outbox_table.insert()
-_INSERTS_IGNORING_CONFLICTS: dict[tuple[str, sa.Table], sa.Insert] = {}
-
-
-def _insert_ignoring_conflicts(conn: Connection, table: sa.Table) -> sa.Insert:
-    # Built once per table: building a statement per call cost more CPU than running it.
-    # Keyed by the table itself: two services may each have a table of the same name.
-    key = (conn.dialect.name, table)
-    stmt = _INSERTS_IGNORING_CONFLICTS.get(key)
-    if stmt is None:
-        dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-        stmt = _INSERTS_IGNORING_CONFLICTS[key] = dialect_insert(table).on_conflict_do_nothing()
-    return stmt
-
-
-async def insert_ignoring_conflicts(conn: Connection, table: sa.Table, values: dict[str, Any]) -> bool:
-    """Insert a row unless it clashes with a unique key; True if it was inserted."""
-    result = await conn.execute(_insert_ignoring_conflicts(conn, table), values)
-    return bool(result.rowcount == 1)
-
-
-async def insert_many_ignoring_conflicts(
-    conn: Connection, table: sa.Table, rows: list[dict[str, Any]]
-) -> None:
-    """Insert rows, skipping those that clash with a unique key."""
-    if rows:
-        await conn.execute(_insert_ignoring_conflicts(conn, table), rows)
 
 
 class Query:
@@ -589,13 +579,53 @@ class Query:
         return converted
 
 
-class _CompiledForSqlite:
-    """A SELECT as SQLite text with named parameters, and the conversions its values need."""
+CommandParameters: TypeAlias = Mapping[str, Any] | Sequence[Mapping[str, Any]]
+"""One parameter set, or several to run the command once for each (all with the same keys)."""
 
-    def __init__(self, statement: sa.Select[Any], dialect: sa.Dialect) -> None:
+
+class Command:
+    """An INSERT, UPDATE or DELETE built once and run many times, the way `Query` runs a SELECT.
+
+    An INSERT without values of its own inserts the columns its parameters name.
+    """
+
+    def __init__(self, statement: sa.Insert | sa.Update | sa.Delete) -> None:
+        self.statement = statement
+        self._compiled: dict[frozenset[str] | None, _CompiledForSqlite] = {}
+
+    def run_on_sqlite(
+        self, driver: sqlite3.Connection, dialect: sa.Dialect, parameters: CommandParameters
+    ) -> int:
+        """Run on an open SQLite driver connection inside the caller's transaction; rows changed."""
+        rows: Sequence[Mapping[str, Any]] = [parameters] if isinstance(parameters, Mapping) else parameters
+        if not rows:
+            return 0
+        columns = frozenset(rows[0]) if isinstance(self.statement, sa.Insert) else None
+        compiled = self._compiled.get(columns)
+        if compiled is None:
+            compiled = self._compiled[columns] = _CompiledForSqlite(self.statement, dialect, columns)
+        if len(rows) == 1:
+            sql, values = compiled.bind(rows[0])
+            return driver.execute(sql, values).rowcount
+        bound = [compiled.bind(row) for row in rows]
+        sql = bound[0][0]
+        if any(other != sql for other, _ in bound):
+            raise ValueError("a list parameter must have the same length in every row of one run")
+        return driver.executemany(sql, [values for _, values in bound]).rowcount
+
+
+class _CompiledForSqlite:
+    """A statement as SQLite text with named parameters, and the conversions its values need."""
+
+    def __init__(
+        self,
+        statement: sa.Select[Any] | sa.Insert | sa.Update | sa.Delete,
+        dialect: sa.Dialect,
+        columns: frozenset[str] | None = None,
+    ) -> None:
         # The same dialect, rendering parameters by name, which sqlite3 binds from a dict.
         named: sa.Dialect = cast(Any, type(dialect))(paramstyle="named")
-        compiled = statement.compile(dialect=named)
+        compiled = statement.compile(dialect=named, column_keys=None if columns is None else sorted(columns))
         self._sql = compiled.string
         self._defaults = {name: value for name, value in compiled.params.items() if value is not None}
         self._expanding = [name for name, bind in compiled.binds.items() if bind.expanding]
@@ -605,7 +635,10 @@ class _CompiledForSqlite:
             if process is not None:
                 self._bind_processors[name] = process
         self.converters: list[tuple[int, Callable[[Any], Any]]] = []
-        for index, column in enumerate(statement.selected_columns):
+        selected: Sequence[sa.ColumnElement[Any]] = (
+            list(statement.selected_columns) if isinstance(statement, sa.Select) else []
+        )
+        for index, column in enumerate(selected):
             if isinstance(column.type, UtcDateTime):
                 convert: Callable[[Any], Any] | None = _utc_from_sqlite_text
             else:
@@ -643,6 +676,33 @@ def _utc_from_sqlite_text(value: str | None) -> datetime | None:
         return None
     parsed = datetime.fromisoformat(value)
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+_OUTBOX_INSERT = Command(outbox_table.insert())
+_INSERTS_IGNORING_CONFLICTS: dict[tuple[str, sa.Table], Command] = {}
+
+
+def _insert_ignoring_conflicts(conn: Connection, table: sa.Table) -> Command:
+    # Built once per table: building a statement per call cost more CPU than running it.
+    # Keyed by the table itself: two services may each have a table of the same name.
+    key = (conn.dialect.name, table)
+    command = _INSERTS_IGNORING_CONFLICTS.get(key)
+    if command is None:
+        dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        command = _INSERTS_IGNORING_CONFLICTS[key] = Command(dialect_insert(table).on_conflict_do_nothing())
+    return command
+
+
+async def insert_ignoring_conflicts(conn: Connection, table: sa.Table, values: dict[str, Any]) -> bool:
+    """Insert a row unless it clashes with a unique key; True if it was inserted."""
+    return await conn.run(_insert_ignoring_conflicts(conn, table), values) == 1
+
+
+async def insert_many_ignoring_conflicts(
+    conn: Connection, table: sa.Table, rows: list[dict[str, Any]]
+) -> None:
+    """Insert rows, skipping those that clash with a unique key."""
+    await conn.run(_insert_ignoring_conflicts(conn, table), rows)
 
 
 class PagedQuery:

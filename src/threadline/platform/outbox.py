@@ -8,7 +8,7 @@ from datetime import timedelta
 import sqlalchemy as sa
 
 from threadline.platform.clock import utcnow
-from threadline.platform.db import Database, Query, outbox_table
+from threadline.platform.db import Command, Database, Query, outbox_table
 from threadline.platform.events import Bus, Event
 
 __all__ = ["OutboxRelay"]
@@ -22,7 +22,7 @@ _UNSENT = Query(
     .order_by(outbox_table.c.seq)
     .limit(sa.bindparam("batch", type_=sa.Integer))
 )
-_MARK_SENT = (
+_MARK_SENT = Command(
     outbox_table.update()
     .where(outbox_table.c.seq.in_(sa.bindparam("seqs", expanding=True)))
     .values(sent_at=sa.bindparam("sent_at"))
@@ -70,7 +70,7 @@ class OutboxRelay:
             finally:
                 if sent:
                     async with self._db.write(durable=False) as conn:
-                        await conn.execute(_MARK_SENT, {"seqs": sent, "sent_at": utcnow()})
+                        await conn.run(_MARK_SENT, {"seqs": sent, "sent_at": utcnow()})
                     published += len(sent)
             if len(rows) < self._batch:
                 return published

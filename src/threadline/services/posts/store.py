@@ -7,6 +7,7 @@ import sqlalchemy as sa
 
 from threadline.platform.clock import utcnow
 from threadline.platform.db import (
+    Command,
     Database,
     Migrations,
     PagedQuery,
@@ -84,7 +85,17 @@ _LIKED_AMONG = Query(
     )
 )
 _AUTHOR_BY_ID = Query(sa.select(authors).where(authors.c.id == sa.bindparam("author_id")))
-_INSERT_POST = posts.insert()
+_INSERT_POST = Command(posts.insert())
+_COUNT_REPLY = Command(
+    posts.update()
+    .where(posts.c.id == sa.bindparam("post_id"))
+    .values(reply_count=posts.c.reply_count + sa.bindparam("delta", type_=sa.Integer))
+)
+_COUNT_LIKE = Command(
+    posts.update()
+    .where(posts.c.id == sa.bindparam("post_id"))
+    .values(like_count=posts.c.like_count + sa.bindparam("delta", type_=sa.Integer))
+)
 
 
 def _author(author_id: str, handle: str, display_name: str) -> AuthorPublic:
@@ -132,7 +143,7 @@ class SqlPostTransaction(Transaction):
 
     async def insert_post(self, post: PostRecord) -> None:
         """Store a new post."""
-        await self.conn.execute(
+        await self.conn.run(
             _INSERT_POST,
             {
                 "id": post.id,
@@ -154,9 +165,7 @@ class SqlPostTransaction(Transaction):
 
     async def count_reply(self, post_id: str, delta: int) -> None:
         """Change a post's direct reply count."""
-        await self.conn.execute(
-            posts.update().where(posts.c.id == post_id).values(reply_count=posts.c.reply_count + delta)
-        )
+        await self.conn.run(_COUNT_REPLY, {"post_id": post_id, "delta": delta})
 
     async def add_like(self, post_id: str, user_id: str) -> bool:
         """Record a like and count it."""
@@ -197,9 +206,7 @@ class SqlPostTransaction(Transaction):
             )
 
     async def _count_like(self, post_id: str, delta: int) -> None:
-        await self.conn.execute(
-            posts.update().where(posts.c.id == post_id).values(like_count=posts.c.like_count + delta)
-        )
+        await self.conn.run(_COUNT_LIKE, {"post_id": post_id, "delta": delta})
 
 
 class SqlPostStore(SqlStore[SqlPostTransaction]):
