@@ -454,6 +454,27 @@ async def test_paging_parameters_are_read_with_their_defaults(service: Service) 
     assert (await service.request("GET", "/page?limit=5&cursor=abc"))[1] == {"limit": 5, "cursor": "abc"}
 
 
+async def test_the_openapi_schema_declares_the_bearer_scheme_and_the_page_parameters(
+    service: Service,
+) -> None:
+    """The token and the page appear in the schema clients are generated from."""
+    status, schema, _ = await service.request("GET", "/openapi.json")
+    assert status == 200
+    assert schema["components"]["securitySchemes"] == {
+        "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+    }
+    paths = schema["paths"]
+    assert paths["/me"]["get"]["security"] == [{"bearer": []}]
+    assert paths["/hello"]["get"]["security"] == [{"bearer": []}]
+    assert "security" not in paths["/page"]["get"]
+    parameters = {p["name"]: p for p in paths["/page"]["get"]["parameters"]}
+    assert set(parameters) == {"limit", "cursor"}
+    assert {p["in"] for p in parameters.values()} == {"query"}
+    limit = parameters["limit"]["schema"]
+    assert (limit["type"], limit["minimum"], limit["maximum"], limit["default"]) == ("integer", 1, 100, 20)
+    assert {"type": "string", "maxLength": 64} in parameters["cursor"]["schema"]["anyOf"]
+
+
 async def test_a_caller_route_needs_a_valid_token(service: Service) -> None:
     """A Caller route is 401 without a token or with a bad one, and sees the identity with a good one."""
     status, body, _ = await service.request("GET", "/me")
