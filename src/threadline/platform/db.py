@@ -31,7 +31,6 @@ from threadline.platform.pagination import PageRequest
 __all__ = [
     "PLATFORM_MIGRATIONS",
     "Command",
-    "CommandParameters",
     "Connection",
     "Database",
     "Migrations",
@@ -139,8 +138,11 @@ class Connection(Protocol):
     async def fetch(self, query: "Query", parameters: Mapping[str, Any]) -> list[Any]:
         """Every row of a prebuilt query, as the query's named tuples."""
 
-    async def run(self, command: "Command", parameters: "CommandParameters") -> int:
-        """Run a prebuilt command once, or once per parameter set; how many rows it changed."""
+    async def run(self, command: "Command", parameters: Mapping[str, Any]) -> int:
+        """Run a prebuilt command; how many rows it changed."""
+
+    async def run_many(self, command: "Command", rows: Sequence[Mapping[str, Any]]) -> None:
+        """Run a prebuilt command once per parameter set (all with the same keys)."""
 
 
 class _SyncConnection:
@@ -169,9 +171,13 @@ class _SyncConnection:
         """Every row of a prebuilt query, run on the driver itself."""
         return query.run_on_sqlite(_driver(self._conn), self.dialect, parameters)
 
-    async def run(self, command: "Command", parameters: "CommandParameters") -> int:
+    async def run(self, command: "Command", parameters: Mapping[str, Any]) -> int:
         """Run a prebuilt command on the driver itself."""
-        return command.run_on_sqlite(_driver(self._conn), self.dialect, parameters)
+        return command.run_on_sqlite(_driver(self._conn), self.dialect, [parameters])
+
+    async def run_many(self, command: "Command", rows: Sequence[Mapping[str, Any]]) -> None:
+        """Run a prebuilt command once per parameter set, on the driver itself."""
+        command.run_on_sqlite(_driver(self._conn), self.dialect, rows)
 
 
 class _AsyncConnection:
@@ -197,15 +203,14 @@ class _AsyncConnection:
         result = await self._conn.execute(query.statement, dict(parameters))
         return [query.row._make(row) for row in result]
 
-    async def run(self, command: "Command", parameters: "CommandParameters") -> int:
+    async def run(self, command: "Command", parameters: Mapping[str, Any]) -> int:
         """Run a prebuilt command through SQLAlchemy."""
-        if isinstance(parameters, Mapping):
-            result = await self._conn.execute(command.statement, dict(parameters))
-        elif not parameters:
-            return 0
-        else:
-            result = await self._conn.execute(command.statement, [dict(row) for row in parameters])
-        return int(result.rowcount)
+        return int((await self._conn.execute(command.statement, dict(parameters))).rowcount)
+
+    async def run_many(self, command: "Command", rows: Sequence[Mapping[str, Any]]) -> None:
+        """Run a prebuilt command once per parameter set, through SQLAlchemy."""
+        if rows:
+            await self._conn.execute(command.statement, [dict(row) for row in rows])
 
 
 _READERS_KEPT = 8
@@ -579,10 +584,6 @@ class Query:
         return converted
 
 
-CommandParameters: TypeAlias = Mapping[str, Any] | Sequence[Mapping[str, Any]]
-"""One parameter set, or several to run the command once for each (all with the same keys)."""
-
-
 class Command:
     """An INSERT, UPDATE or DELETE built once and run many times, the way `Query` runs a SELECT.
 
@@ -594,10 +595,13 @@ class Command:
         self._compiled: dict[frozenset[str] | None, _CompiledForSqlite] = {}
 
     def run_on_sqlite(
-        self, driver: sqlite3.Connection, dialect: sa.Dialect, parameters: CommandParameters
+        self, driver: sqlite3.Connection, dialect: sa.Dialect, rows: Sequence[Mapping[str, Any]]
     ) -> int:
-        """Run on an open SQLite driver connection inside the caller's transaction; rows changed."""
-        rows: Sequence[Mapping[str, Any]] = [parameters] if isinstance(parameters, Mapping) else parameters
+        """Run once per parameter set on an open SQLite driver connection, in the caller's transaction.
+
+        Gives how many rows it changed (SQLite counts them over every set; asyncpg cannot, hence
+        `Connection.run_many` gives nothing).
+        """
         if not rows:
             return 0
         columns = frozenset(rows[0]) if isinstance(self.statement, sa.Insert) else None
@@ -702,7 +706,7 @@ async def insert_many_ignoring_conflicts(
     conn: Connection, table: sa.Table, rows: list[dict[str, Any]]
 ) -> None:
     """Insert rows, skipping those that clash with a unique key."""
-    await conn.run(_insert_ignoring_conflicts(conn, table), rows)
+    await conn.run_many(_insert_ignoring_conflicts(conn, table), rows)
 
 
 class PagedQuery:
