@@ -2,7 +2,6 @@
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -36,10 +35,9 @@ class Adapters:
 
 
 @pytest.fixture
-async def process(tmp_path: Path) -> AsyncIterator[Process]:
-    """users, posts and payments in one process on fresh SQLite databases, events in-process."""
-    settings = Settings(data_dir=tmp_path, topology="monolith")
-    async with running(build_process(("users", "posts", "payments"), settings)) as started:
+async def process(monolith_settings: Settings) -> AsyncIterator[Process]:
+    """users, posts and payments in one process on fresh databases (SQLite, PostgreSQL), events in-process."""
+    async with running(build_process(("users", "posts", "payments"), monolith_settings)) as started:
         yield started
 
 

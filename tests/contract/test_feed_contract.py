@@ -2,7 +2,6 @@
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -66,9 +65,9 @@ def posts() -> FakePosts:
 
 
 @pytest.fixture
-async def component(tmp_path: Path, posts: FakePosts) -> AsyncIterator[Component]:
-    """The feed component on a fresh SQLite database, reading from the fake posts API."""
-    built = app.build(Settings(data_dir=tmp_path, topology="monolith"), posts=posts)
+async def component(monolith_settings: Settings, posts: FakePosts) -> AsyncIterator[Component]:
+    """The feed component on a fresh database, reading from the fake posts API."""
+    built = app.build(monolith_settings, posts=posts)
     await built.database.open(built.migrations)
     try:
         yield built

@@ -4,7 +4,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -107,9 +106,9 @@ async def refused(call: Any) -> ServiceError:
 
 
 @pytest.fixture
-async def component(tmp_path: Path) -> AsyncIterator[Component]:
-    """The payments component on a fresh SQLite database; afterwards its ledger must balance."""
-    component = app.build(Settings(data_dir=tmp_path, topology="monolith"))
+async def component(monolith_settings: Settings) -> AsyncIterator[Component]:
+    """The payments component on a fresh database; afterwards its ledger must balance."""
+    component = app.build(monolith_settings)
     await component.database.open(component.migrations)
     yield component
     async with component.database.read() as conn:

@@ -2,7 +2,6 @@
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -51,9 +50,9 @@ def posts() -> FakePosts:
 
 
 @pytest.fixture
-async def component(tmp_path: Path, posts: FakePosts) -> AsyncIterator[Component]:
-    """The threads component on a fresh SQLite database, reading bodies from the fake posts."""
-    built = app.build(Settings(data_dir=tmp_path, topology="monolith"), posts=posts)
+async def component(monolith_settings: Settings, posts: FakePosts) -> AsyncIterator[Component]:
+    """The threads component on a fresh database, reading bodies from the fake posts."""
+    built = app.build(monolith_settings, posts=posts)
     await built.database.open(built.migrations)
     yield built
     await built.database.close()

