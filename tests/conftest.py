@@ -35,3 +35,12 @@ async def monolith_settings(request: pytest.FixtureRequest, tmp_path: Path) -> A
         yield Settings(
             data_dir=tmp_path, topology="monolith", database_urls=dict(zip(SERVICES, urls, strict=True))
         )
+
+
+@pytest.fixture(params=["fake", "sqlite", "postgresql"])
+def store_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
+    """None for a store's in-memory fake; else the URL of a fresh SQLite file or PostgreSQL database."""
+    if request.param == "postgresql":
+        url: str = request.getfixturevalue("postgres_database")
+        return url
+    return None if request.param == "fake" else f"sqlite:///{tmp_path / 'store.db'}"

@@ -1,7 +1,6 @@
 """FakeFeedStore and SqlFeedStore (SQLite, PostgreSQL) keep the same semantics: one test body for all."""
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -15,22 +14,13 @@ from threadline.services.feed.store import MIGRATIONS, SqlFeedStore
 from threadline.services.posts.api import Audience, AuthorPublic
 
 
-@pytest.fixture(params=["fake", "sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
-    """None for the in-memory fake; else a fresh SQLite file's or PostgreSQL database's URL."""
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("postgres_database")
-        return url
-    return None if request.param == "fake" else f"sqlite:///{tmp_path / 'feed.db'}"
-
-
 @pytest.fixture
-async def store(database_url: str | None) -> AsyncIterator[FeedStore]:
+async def store(store_database_url: str | None) -> AsyncIterator[FeedStore]:
     """The in-memory fake, or the SQL store on a fresh SQLite file or PostgreSQL database."""
-    if database_url is None:
+    if store_database_url is None:
         yield FakeFeedStore()
         return
-    database = Database(database_url)
+    database = Database(store_database_url)
     await database.open([MIGRATIONS])
     try:
         yield SqlFeedStore(database)

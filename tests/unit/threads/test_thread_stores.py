@@ -1,7 +1,6 @@
 """FakeThreadStore and SqlThreadStore answer the same: the same test body runs against both."""
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -11,22 +10,13 @@ from threadline.services.threads.service import ThreadNode, ThreadStore
 from threadline.services.threads.store import MIGRATIONS, SqlThreadStore
 
 
-@pytest.fixture(params=["fake", "sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
-    """None for the in-memory fake; else a fresh SQLite file's or PostgreSQL database's URL."""
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("postgres_database")
-        return url
-    return None if request.param == "fake" else f"sqlite:///{tmp_path / 'threads.db'}"
-
-
 @pytest.fixture
-async def store(database_url: str | None) -> AsyncIterator[ThreadStore]:
+async def store(store_database_url: str | None) -> AsyncIterator[ThreadStore]:
     """An empty threads store: in memory, or SQLite or PostgreSQL through the real migrations."""
-    if database_url is None:
+    if store_database_url is None:
         yield FakeThreadStore()
         return
-    database = Database(database_url)
+    database = Database(store_database_url)
     await database.open([MIGRATIONS])
     try:
         yield SqlThreadStore(database)
