@@ -39,8 +39,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_system(topology: str, data_dir: Path, nats_url: str | None = None) -> Iterator[System]:
-    """Run `topology` until the generator is closed; a shared NATS gets a namespace of its own."""
+def start_system(
+    topology: str, data_dir: Path, nats_url: str | None = None, database_urls: dict[str, str] | None = None
+) -> Iterator[System]:
+    """Run `topology` until the generator is closed; a shared NATS gets a namespace of its own.
+
+    Services not named in `database_urls` keep SQLite files in `data_dir`.
+    """
     nats_url = nats_url or os.environ.get("THREADLINE_TEST_NATS_URL") or None
     settings = Settings(
         data_dir=data_dir,
@@ -48,6 +53,7 @@ def start_system(topology: str, data_dir: Path, nats_url: str | None = None) -> 
         port=free_port(),
         nats_url=nats_url,
         events_namespace=f"e2e{uuid.uuid4().hex[:12]}",
+        database_urls=database_urls or {},
     )
     with running(parse_topology(topology, SERVICES), settings, ready_timeout=120) as runner:
         yield System(runner, runner.gateway_url)

@@ -1,11 +1,33 @@
-"""The core scenario of the foundation, through the gateway, in every topology."""
+"""The core scenario of the foundation, through the gateway, in every topology and on PostgreSQL too."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.client import Api
-from tests.e2e.conftest import System
+from tests.e2e.conftest import TOPOLOGIES, System, start_system
 from tests.support.polling import eventually
+from tests.support.postgres import DatabasePool
 from threadline.topology import SERVICES
+
+ON_POSTGRESQL = "microservices-on-postgresql"
+
+
+@pytest.fixture(scope="module", params=[*TOPOLOGIES, ON_POSTGRESQL])
+def system(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    """Each topology on SQLite, and the microservices with every service but payments on PostgreSQL
+    (payments keeps its SQLite file, whose ledger every test checks afterwards)."""
+    data_dir = tmp_path_factory.mktemp(request.param)
+    if request.param != ON_POSTGRESQL:
+        yield from start_system(request.param, data_dir)
+        return
+    pool: DatabasePool = request.getfixturevalue("postgres")
+    on_postgresql = [service for service in SERVICES if service != "payments"]
+    with pool.databases_outside_a_loop(len(on_postgresql)) as urls:
+        yield from start_system(
+            "microservices", data_dir, database_urls=dict(zip(on_postgresql, urls, strict=True))
+        )
 
 
 def _cmdline(pid: int) -> str:
@@ -28,6 +50,14 @@ async def test_each_component_runs_where_the_topology_says(system: System, api: 
     assert status.status == 200
     assert status.body["topology"] == system.runner.topology.name
     assert status.body["services"] == {name: {"status": "up", "replicas": 1} for name in SERVICES}
+
+
+async def test_each_service_keeps_its_data_where_its_settings_say(system: System, api: Api) -> None:
+    """A service given a database URL has no SQLite file; the others have theirs, written to."""
+    await api.sign_up("keeper")
+    configured = system.runner.settings.database_urls
+    for service in SERVICES:
+        assert (system.data_dir / f"{service}.db").exists() is (service not in configured), service
 
 
 async def test_health_and_readiness(system: System, api: Api) -> None:

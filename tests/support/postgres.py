@@ -1,5 +1,6 @@
 """PostgreSQL for tests: a server (`THREADLINE_TEST_POSTGRES_URL`, else embedded) and empty databases."""
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -41,20 +42,44 @@ class DatabasePool:
     @asynccontextmanager
     async def databases(self, count: int) -> AsyncIterator[list[str]]:
         """`count` empty databases, as SQLAlchemy asyncpg URLs, for the duration of the block."""
+        names = await self._take(count)
+        try:
+            yield self._urls(names)
+        finally:
+            await self._give_back(names)
+
+    @contextmanager
+    def databases_outside_a_loop(self, count: int) -> Iterator[list[str]]:
+        """The same, for a caller with no event loop running (a module-scoped fixture)."""
+        names = asyncio.run(self._take(count))
+        try:
+            yield self._urls(names)
+        finally:
+            asyncio.run(self._give_back(names))
+
+    async def _take(self, count: int) -> list[str]:
         names = [self._free.pop() for _ in range(min(count, len(self._free)))]
+        if len(names) < count:
+            admin = await asyncpg.connect(self._server_url)
+            try:
+                while len(names) < count:
+                    name = f"test_{uuid.uuid4().hex}"
+                    await admin.execute(f'CREATE DATABASE "{name}"')
+                    names.append(name)
+            finally:
+                await admin.close()
+        return names
+
+    def _urls(self, names: list[str]) -> list[str]:
+        base = make_url(self._server_url).set(drivername="postgresql+asyncpg")
+        return [base.set(database=name).render_as_string(hide_password=False) for name in names]
+
+    async def _give_back(self, names: list[str]) -> None:
         admin = await asyncpg.connect(self._server_url)
         try:
-            while len(names) < count:
-                name = f"test_{uuid.uuid4().hex}"
-                await admin.execute(f'CREATE DATABASE "{name}"')
-                names.append(name)
-            base = make_url(self._server_url).set(drivername="postgresql+asyncpg")
-            try:
-                yield [base.set(database=name).render_as_string(hide_password=False) for name in names]
-            finally:
-                for name in names:
-                    await self._empty(admin, name)
-                    self._free.append(name)
+            for name in names:
+                await self._empty(admin, name)
+                self._free.append(name)
         finally:
             await admin.close()
 
