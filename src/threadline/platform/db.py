@@ -152,10 +152,11 @@ class _SyncConnection:
     a worker thread and back costs; only the commit, which waits for the disk, leaves the loop.
     """
 
-    __slots__ = ("_conn", "dialect", "events_emitted")
+    __slots__ = ("_conn", "_driver", "dialect", "events_emitted")
 
-    def __init__(self, conn: sa.Connection) -> None:
+    def __init__(self, conn: sa.Connection, driver: sqlite3.Connection) -> None:
         self._conn = conn
+        self._driver = driver
         self.dialect = conn.dialect
         self.events_emitted = 0
 
@@ -169,15 +170,15 @@ class _SyncConnection:
 
     async def fetch(self, query: "Query", parameters: Mapping[str, Any]) -> list[Any]:
         """Every row of a prebuilt query, run on the driver itself."""
-        return query.run_on_sqlite(_driver(self._conn), self.dialect, parameters)
+        return query.run_on_sqlite(self._driver, self.dialect, parameters)
 
     async def run(self, command: "Command", parameters: Mapping[str, Any]) -> int:
         """Run a prebuilt command on the driver itself."""
-        return command.run_on_sqlite(_driver(self._conn), self.dialect, [parameters])
+        return command.run_on_sqlite(self._driver, self.dialect, [parameters])
 
     async def run_many(self, command: "Command", rows: Sequence[Mapping[str, Any]]) -> None:
         """Run a prebuilt command once per parameter set, on the driver itself."""
-        command.run_on_sqlite(_driver(self._conn), self.dialect, rows)
+        command.run_on_sqlite(self._driver, self.dialect, rows)
 
 
 class _AsyncConnection:
@@ -214,6 +215,8 @@ class _AsyncConnection:
 
 
 _READERS_KEPT = 8
+# Every commit waits until the WAL is on the disk; a non-durable write returns to this level.
+_DURABLE_SYNCHRONOUS = "FULL"
 _BUSY_RETRY_FOR_SECONDS = 10.0
 
 
@@ -291,7 +294,7 @@ class _SqliteOnLoop:
                 driver.execute("PRAGMA synchronous=NORMAL")
             try:
                 await _begin_immediate(driver)
-                conn = _SyncConnection(self._writer)
+                conn = _SyncConnection(self._writer, driver)
                 try:
                     yield conn
                 except BaseException:
@@ -308,7 +311,7 @@ class _SqliteOnLoop:
                         raise
             finally:
                 if not durable:
-                    driver.execute("PRAGMA synchronous=FULL")
+                    driver.execute(f"PRAGMA synchronous={_DURABLE_SYNCHRONOUS}")
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[_SyncConnection]:
@@ -318,7 +321,7 @@ class _SqliteOnLoop:
         driver = _driver(reader)
         try:
             driver.execute("BEGIN")
-            yield _SyncConnection(reader)
+            yield _SyncConnection(reader, driver)
         finally:
             driver.rollback()
             if len(self._idle_readers) < _READERS_KEPT and self._engine is not None:
@@ -483,7 +486,7 @@ def _configure_sqlite(engine: sa.Engine, *, begin: str | None) -> None:
         cursor = dbapi_connection.cursor()
         for pragma in (
             "journal_mode=WAL",
-            "synchronous=FULL",
+            f"synchronous={_DURABLE_SYNCHRONOUS}",
             "busy_timeout=10000",
             "foreign_keys=ON",
         ):
