@@ -86,16 +86,19 @@ _LIKED_AMONG = Query(
 )
 _AUTHOR_BY_ID = Query(sa.select(authors).where(authors.c.id == sa.bindparam("author_id")))
 _INSERT_POST = Command(posts.insert())
-_COUNT_REPLY = Command(
-    posts.update()
-    .where(posts.c.id == sa.bindparam("post_id"))
-    .values(reply_count=posts.c.reply_count + sa.bindparam("delta", type_=sa.Integer))
-)
-_COUNT_LIKE = Command(
-    posts.update()
-    .where(posts.c.id == sa.bindparam("post_id"))
-    .values(like_count=posts.c.like_count + sa.bindparam("delta", type_=sa.Integer))
-)
+
+
+def _add_to(counter: sa.Column[int]) -> Command:
+    """Add `delta` to one post's `counter`."""
+    return Command(
+        posts.update()
+        .where(posts.c.id == sa.bindparam("post_id"))
+        .values({counter: counter + sa.bindparam("delta", type_=sa.Integer)})
+    )
+
+
+_COUNT_REPLY = _add_to(posts.c.reply_count)
+_COUNT_LIKE = _add_to(posts.c.like_count)
 
 
 def _author(author_id: str, handle: str, display_name: str) -> AuthorPublic:
