@@ -56,13 +56,16 @@ class FakeFeedTransaction(FakeTransaction[FeedState]):
         self._write().follows[edge.follower_id, edge.followee_id] = edge.model_copy()
         return True
 
-    async def followers(self, followee_id: str) -> list[str]:
-        """Who currently follows `followee_id`."""
-        return [
-            e.follower_id
-            for e in self._read().follows.values()
-            if e.followee_id == followee_id and e.following
+    async def fan_out(self, post_id: str, author_id: str) -> None:
+        """Put a post into its author's timeline and every current follower's, once each."""
+        owners = [author_id] + [
+            edge.follower_id
+            for edge in self._read().follows.values()
+            if edge.followee_id == author_id and edge.following
         ]
+        await self.add_entries(
+            [TimelineEntry(owner_id=o, post_id=post_id, author_id=author_id) for o in owners]
+        )
 
     async def keep_post(self, post: PostCopy) -> None:
         """Insert the copy, or fill in the text a stored copy lacked."""

@@ -33,6 +33,7 @@ __all__ = [
     "Command",
     "Connection",
     "Database",
+    "InsertIgnoringConflicts",
     "Migrations",
     "PagedQuery",
     "Query",
@@ -607,7 +608,8 @@ class Command:
         """
         if not rows:
             return 0
-        columns = frozenset(rows[0]) if isinstance(self.statement, sa.Insert) else None
+        names_columns = isinstance(self.statement, sa.Insert) and self.statement.select is None
+        columns = frozenset(rows[0]) if names_columns else None
         compiled = self._compiled.get(columns)
         if compiled is None:
             compiled = self._compiled[columns] = _CompiledForSqlite(self.statement, dialect, columns)
@@ -686,18 +688,52 @@ def _utc_from_sqlite_text(value: str | None) -> datetime | None:
 
 
 _OUTBOX_INSERT = Command(outbox_table.insert())
-_INSERTS_IGNORING_CONFLICTS: dict[tuple[str, sa.Table], Command] = {}
+
+
+class InsertIgnoringConflicts:
+    """An INSERT that skips rows clashing with a unique key: a `Command` for each dialect it runs on.
+
+    Each dialect's own insert construct writes its ON CONFLICT clause, so the statement is built
+    once per dialect rather than once. With `from_select` it inserts a query's rows (the query's
+    own parameters are the command's) instead of the values it is given.
+    """
+
+    def __init__(
+        self,
+        table: sa.Table,
+        *,
+        columns: Sequence[str] = (),
+        from_select: sa.Select[Any] | sa.CompoundSelect[Any] | None = None,
+    ) -> None:
+        if (from_select is None) != (not columns):
+            raise ValueError("name the columns exactly when inserting the rows of a query")
+        self._table = table
+        self._columns = list(columns)
+        self._from_select = from_select
+        self._by_dialect: dict[str, Command] = {}
+
+    def command(self, dialect: sa.Dialect) -> Command:
+        """The command for `dialect`, built on first use."""
+        command = self._by_dialect.get(dialect.name)
+        if command is None:
+            insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
+            statement = insert(self._table)
+            if self._from_select is not None:
+                statement = statement.from_select(self._columns, self._from_select)
+            command = self._by_dialect[dialect.name] = Command(statement.on_conflict_do_nothing())
+        return command
+
+
+# Built once per table: building a statement per call cost more CPU than running it. Keyed by
+# the table itself: two services may each have a table of the same name.
+_INSERTS_IGNORING_CONFLICTS: dict[sa.Table, InsertIgnoringConflicts] = {}
 
 
 def _insert_ignoring_conflicts(conn: Connection, table: sa.Table) -> Command:
-    # Built once per table: building a statement per call cost more CPU than running it.
-    # Keyed by the table itself: two services may each have a table of the same name.
-    key = (conn.dialect.name, table)
-    command = _INSERTS_IGNORING_CONFLICTS.get(key)
-    if command is None:
-        dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-        command = _INSERTS_IGNORING_CONFLICTS[key] = Command(dialect_insert(table).on_conflict_do_nothing())
-    return command
+    insert = _INSERTS_IGNORING_CONFLICTS.get(table)
+    if insert is None:
+        insert = _INSERTS_IGNORING_CONFLICTS[table] = InsertIgnoringConflicts(table)
+    return insert.command(conn.dialect)
 
 
 async def insert_ignoring_conflicts(conn: Connection, table: sa.Table, values: dict[str, Any]) -> bool:

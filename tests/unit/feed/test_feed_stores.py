@@ -46,22 +46,50 @@ def edge(following: bool, version: str, follower: str = "bob", followee: str = "
     return FollowEdge(follower_id=follower, followee_id=followee, following=following, version=version)
 
 
+async def owners_of(store: FeedStore, post_id: str, candidates: list[str]) -> list[str]:
+    """Which of `candidates` have `post_id` in their timeline."""
+    async with store.read() as tx:
+        return [owner for owner in candidates if post_id in (await tx.timeline(owner, PageRequest()))[0]]
+
+
 async def test_follow_edges_keep_the_newest_version(store: FeedStore) -> None:
-    """An edge replaces a stored one only if its version is newer; followers are those following now."""
+    """An edge replaces a stored one only if its version is newer; fan-out reaches those following now."""
     older, newer = new_id(), new_id()
     async with store.write() as tx:
         assert await tx.save_follow_edge(edge(False, newer))
         assert not await tx.save_follow_edge(edge(True, older))
         assert not await tx.save_follow_edge(edge(True, newer))
         assert await tx.save_follow_edge(edge(True, new_id(), follower="cy"))
+        first = new_id()
+        await tx.fan_out(first, "ada")
     async with store.read() as tx:
         assert await tx.follow_edge("bob", "ada") == edge(False, newer)
         assert await tx.follow_edge("ada", "bob") is None
-        assert await tx.followers("ada") == ["cy"]
+    assert await owners_of(store, first, ["ada", "bob", "cy"]) == ["ada", "cy"]
     async with store.write() as tx:
         assert await tx.save_follow_edge(edge(True, new_id()))
+        second = new_id()
+        await tx.fan_out(second, "ada")
+    assert await owners_of(store, second, ["ada", "bob", "cy"]) == ["ada", "bob", "cy"]
+
+
+async def test_fan_out_reaches_every_follower_once(store: FeedStore) -> None:
+    """A post goes to its author's timeline and each follower's, once even if fanned out again,
+    and to no one who follows someone else."""
+    followers = [f"f{i}" for i in range(30)]
+    async with store.write() as tx:
+        for follower in followers:
+            await tx.save_follow_edge(edge(True, new_id(), follower=follower))
+        await tx.save_follow_edge(edge(True, new_id(), follower="eve", followee="cy"))
+        post = new_id()
+        await tx.add_entries([TimelineEntry(owner_id="f3", post_id=post, author_id="ada")])
+        await tx.fan_out(post, "ada")
+        await tx.fan_out(post, "ada")
+    candidates = ["ada", *followers, "eve", "cy"]
+    assert await owners_of(store, post, candidates) == ["ada", *followers]
     async with store.read() as tx:
-        assert sorted(await tx.followers("ada")) == ["bob", "cy"]
+        page, _ = await tx.timeline("f3", PageRequest())
+    assert page == [post]
 
 
 async def test_copies_only_gain_their_text(store: FeedStore) -> None:

@@ -85,8 +85,8 @@ class FeedTransaction(Protocol):
     async def save_follow_edge(self, edge: FollowEdge) -> bool:
         """Store the edge if it is newer than the stored one; False if it was stale."""
 
-    async def followers(self, followee_id: str) -> list[str]:
-        """Who currently follows `followee_id`."""
+    async def fan_out(self, post_id: str, author_id: str) -> None:
+        """Put a post into its author's timeline and every current follower's; entries there stay."""
 
     async def keep_post(self, post: PostCopy) -> None:
         """Store a copy; an existing one is replaced only by one that knows the text it lacked."""
@@ -158,10 +158,7 @@ class FeedService:
             if not await tx.claim_event(CONSUMER, event_id) or await tx.deleted_among([post.id]):
                 return
             await tx.keep_post(PostCopy.model_validate(post.model_dump()))
-            owners = [post.author.id, *await tx.followers(post.author.id)]
-            await tx.add_entries(
-                [TimelineEntry(owner_id=owner, post_id=post.id, author_id=post.author.id) for owner in owners]
-            )
+            await tx.fan_out(post.id, post.author.id)
 
     async def forget_post(self, event_id: str, post: PostDeleted) -> None:
         """Take a deleted post out of every timeline, for good."""

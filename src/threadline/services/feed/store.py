@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from threadline.platform.clock import utcnow
 from threadline.platform.db import (
     Database,
+    InsertIgnoringConflicts,
     Migrations,
     PagedQuery,
     Query,
@@ -64,6 +65,7 @@ timeline_entries = sa.Table(
     sa.Column("owner_id", sa.String(36), primary_key=True),
     sa.Column("post_id", sa.String(36), primary_key=True),
     sa.Column("author_id", sa.String(36), nullable=False),
+    sqlite_with_rowid=False,
 )
 
 _TIMELINE = PagedQuery(
@@ -76,10 +78,16 @@ _FOLLOW_EDGE = Query(
         follows.c.followee_id == sa.bindparam("followee_id"),
     )
 )
-_FOLLOWERS = Query(
-    sa.select(follows.c.follower_id).where(
-        follows.c.followee_id == sa.bindparam("followee_id"), follows.c.following
-    )
+_AUTHOR_ID = sa.bindparam("author_id", type_=sa.String)
+_POST_ID = sa.bindparam("post_id", type_=sa.String)
+# One statement, so a post with thousands of followers costs no Python step per follower. (SQLite
+# needs a WHERE in the last SELECT of an INSERT ... SELECT ... ON CONFLICT to parse it.)
+_FAN_OUT = InsertIgnoringConflicts(
+    timeline_entries,
+    columns=["owner_id", "post_id", "author_id"],
+    from_select=sa.select(follows.c.follower_id, _POST_ID, _AUTHOR_ID)
+    .where(follows.c.followee_id == _AUTHOR_ID, follows.c.following)
+    .union_all(sa.select(_AUTHOR_ID, _POST_ID, _AUTHOR_ID).where(sa.true())),
 )
 _COPIES_AMONG = Query(
     sa.select(post_copies).where(post_copies.c.id.in_(sa.bindparam("post_ids", expanding=True)))
@@ -133,10 +141,9 @@ class SqlFeedTransaction(Transaction):
         )
         return bool(result.rowcount == 1)
 
-    async def followers(self, followee_id: str) -> list[str]:
-        """Who currently follows `followee_id`."""
-        rows = await self.conn.fetch(_FOLLOWERS, {"followee_id": followee_id})
-        return [str(row.follower_id) for row in rows]
+    async def fan_out(self, post_id: str, author_id: str) -> None:
+        """Put a post into its author's timeline and every current follower's, once each."""
+        await self.conn.run(_FAN_OUT.command(self.conn.dialect), {"post_id": post_id, "author_id": author_id})
 
     async def keep_post(self, post: PostCopy) -> None:
         """Insert the copy, or fill in the text a stored copy lacked."""
