@@ -40,6 +40,7 @@ __all__ = [
     "SqlStore",
     "Transaction",
     "UtcDateTime",
+    "add_to_counter",
     "insert_ignoring_conflicts",
     "insert_many_ignoring_conflicts",
     "outbox_table",
@@ -688,6 +689,15 @@ def _utc_from_sqlite_text(value: str | None) -> datetime | None:
 
 
 _OUTBOX_INSERT = Command(outbox_table.insert())
+
+
+def add_to_counter(key: sa.Column[Any], counter: sa.Column[int]) -> Command:
+    """A command adding its `delta` parameter to `counter` in the row whose `key` is its `key` parameter."""
+    return Command(
+        counter.table.update()
+        .where(key == sa.bindparam("key"))
+        .values({counter: counter + sa.bindparam("delta", type_=sa.Integer)})
+    )
 
 
 class InsertIgnoringConflicts:

@@ -7,6 +7,7 @@ import sqlalchemy as sa
 
 from threadline.platform.clock import utcnow
 from threadline.platform.db import (
+    Command,
     Database,
     InsertIgnoringConflicts,
     Migrations,
@@ -89,6 +90,37 @@ _FAN_OUT = InsertIgnoringConflicts(
     .where(follows.c.followee_id == _AUTHOR_ID, follows.c.following)
     .union_all(sa.select(_AUTHOR_ID, _POST_ID, _AUTHOR_ID).where(sa.true())),
 )
+_NEWER_EDGE = Command(
+    follows.update()
+    .where(
+        follows.c.follower_id == sa.bindparam("follower"),
+        follows.c.followee_id == sa.bindparam("followee"),
+        follows.c.version < sa.bindparam("newer_version"),
+    )
+    .values(following=sa.bindparam("now_following", type_=sa.Boolean), version=sa.bindparam("newer_version"))
+)
+# Fills in a copy that lacked its text; every column but the id, each from a parameter `new_<column>`.
+_FILL_COPY = Command(
+    post_copies.update()
+    .where(post_copies.c.id == sa.bindparam("copy_id"), post_copies.c.text.is_(None))
+    .values(
+        {
+            column: sa.bindparam(f"new_{column.key}", type_=column.type)
+            for column in post_copies.c
+            if column.key != "id"
+        }
+    )
+)
+_DROP_COPY = Command(post_copies.delete().where(post_copies.c.id == sa.bindparam("post_id")))
+_DROP_POST_ENTRIES = Command(
+    timeline_entries.delete().where(timeline_entries.c.post_id == sa.bindparam("post_id"))
+)
+_DROP_AUTHOR_ENTRIES = Command(
+    timeline_entries.delete().where(
+        timeline_entries.c.owner_id == sa.bindparam("owner_id"),
+        timeline_entries.c.author_id == sa.bindparam("author_id"),
+    )
+)
 _COPIES_AMONG = Query(
     sa.select(post_copies).where(post_copies.c.id.in_(sa.bindparam("post_ids", expanding=True)))
 )
@@ -130,16 +162,16 @@ class SqlFeedTransaction(Transaction):
         """Insert the edge, or replace an older one."""
         if await insert_ignoring_conflicts(self.conn, follows, edge.model_dump()):
             return True
-        result = await self.conn.execute(
-            follows.update()
-            .where(
-                follows.c.follower_id == edge.follower_id,
-                follows.c.followee_id == edge.followee_id,
-                follows.c.version < edge.version,
-            )
-            .values(following=edge.following, version=edge.version)
+        changed = await self.conn.run(
+            _NEWER_EDGE,
+            {
+                "follower": edge.follower_id,
+                "followee": edge.followee_id,
+                "newer_version": edge.version,
+                "now_following": edge.following,
+            },
         )
-        return bool(result.rowcount == 1)
+        return changed == 1
 
     async def fan_out(self, post_id: str, author_id: str) -> None:
         """Put a post into its author's timeline and every current follower's, once each."""
@@ -150,11 +182,8 @@ class SqlFeedTransaction(Transaction):
         row = _copy_row(post)
         if await insert_ignoring_conflicts(self.conn, post_copies, row) or post.text is None:
             return
-        await self.conn.execute(
-            post_copies.update()
-            .where(post_copies.c.id == post.id, post_copies.c.text.is_(None))
-            .values(**{key: value for key, value in row.items() if key != "id"})
-        )
+        filled = {f"new_{key}": value for key, value in row.items() if key != "id"}
+        await self.conn.run(_FILL_COPY, {"copy_id": post.id, **filled})
 
     async def posts(self, post_ids: list[str]) -> list[PostCopy]:
         """The stored copies among `post_ids`."""
@@ -172,8 +201,8 @@ class SqlFeedTransaction(Transaction):
     async def mark_deleted(self, post_id: str) -> None:
         """Tombstone the post, drop its copy and its timeline entries."""
         await insert_ignoring_conflicts(self.conn, deleted_posts, {"id": post_id, "deleted_at": utcnow()})
-        await self.conn.execute(post_copies.delete().where(post_copies.c.id == post_id))
-        await self.conn.execute(timeline_entries.delete().where(timeline_entries.c.post_id == post_id))
+        await self.conn.run(_DROP_COPY, {"post_id": post_id})
+        await self.conn.run(_DROP_POST_ENTRIES, {"post_id": post_id})
 
     async def add_entries(self, entries: list[TimelineEntry]) -> None:
         """Insert timeline entries, skipping those already there."""
@@ -183,11 +212,7 @@ class SqlFeedTransaction(Transaction):
 
     async def remove_author(self, owner_id: str, author_id: str) -> None:
         """Take an author's posts out of one timeline."""
-        await self.conn.execute(
-            timeline_entries.delete().where(
-                timeline_entries.c.owner_id == owner_id, timeline_entries.c.author_id == author_id
-            )
-        )
+        await self.conn.run(_DROP_AUTHOR_ENTRIES, {"owner_id": owner_id, "author_id": author_id})
 
     async def timeline(self, owner_id: str, page: PageRequest) -> tuple[list[str], str | None]:
         """A page of one timeline's post ids, newest first."""

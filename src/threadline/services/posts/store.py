@@ -15,6 +15,7 @@ from threadline.platform.db import (
     SqlStore,
     Transaction,
     UtcDateTime,
+    add_to_counter,
     insert_ignoring_conflicts,
 )
 from threadline.platform.lru import LruCache
@@ -86,19 +87,27 @@ _LIKED_AMONG = Query(
 )
 _AUTHOR_BY_ID = Query(sa.select(authors).where(authors.c.id == sa.bindparam("author_id")))
 _INSERT_POST = Command(posts.insert())
-
-
-def _add_to(counter: sa.Column[int]) -> Command:
-    """Add `delta` to one post's `counter`."""
-    return Command(
-        posts.update()
-        .where(posts.c.id == sa.bindparam("post_id"))
-        .values({counter: counter + sa.bindparam("delta", type_=sa.Integer)})
+_MARK_DELETED = Command(
+    posts.update()
+    .where(posts.c.id == sa.bindparam("post_id"))
+    .values(deleted_at=sa.bindparam("now", type_=UtcDateTime))
+)
+_COUNT_REPLY = add_to_counter(posts.c.id, posts.c.reply_count)
+_COUNT_LIKE = add_to_counter(posts.c.id, posts.c.like_count)
+_REMOVE_LIKE = Command(
+    likes.delete().where(
+        likes.c.post_id == sa.bindparam("post_id"), likes.c.user_id == sa.bindparam("user_id")
     )
-
-
-_COUNT_REPLY = _add_to(posts.c.reply_count)
-_COUNT_LIKE = _add_to(posts.c.like_count)
+)
+_NEWER_AUTHOR = Command(
+    authors.update()
+    .where(authors.c.id == sa.bindparam("author_id"), authors.c.version < sa.bindparam("newer_version"))
+    .values(
+        handle=sa.bindparam("new_handle"),
+        display_name=sa.bindparam("new_display_name"),
+        version=sa.bindparam("newer_version"),
+    )
+)
 
 
 def _author(author_id: str, handle: str, display_name: str) -> AuthorPublic:
@@ -164,11 +173,11 @@ class SqlPostTransaction(Transaction):
 
     async def mark_deleted(self, post_id: str) -> None:
         """Delete a post, keeping its id and thread position."""
-        await self.conn.execute(posts.update().where(posts.c.id == post_id).values(deleted_at=utcnow()))
+        await self.conn.run(_MARK_DELETED, {"post_id": post_id, "now": utcnow()})
 
     async def count_reply(self, post_id: str, delta: int) -> None:
         """Change a post's direct reply count."""
-        await self.conn.run(_COUNT_REPLY, {"post_id": post_id, "delta": delta})
+        await self.conn.run(_COUNT_REPLY, {"key": post_id, "delta": delta})
 
     async def add_like(self, post_id: str, user_id: str) -> bool:
         """Record a like and count it."""
@@ -181,10 +190,7 @@ class SqlPostTransaction(Transaction):
 
     async def remove_like(self, post_id: str, user_id: str) -> bool:
         """Remove a like and uncount it."""
-        result = await self.conn.execute(
-            likes.delete().where(likes.c.post_id == post_id, likes.c.user_id == user_id)
-        )
-        removed = bool(result.rowcount == 1)
+        removed = await self.conn.run(_REMOVE_LIKE, {"post_id": post_id, "user_id": user_id}) == 1
         if removed:
             await self._count_like(post_id, -1)
         return removed
@@ -202,14 +208,18 @@ class SqlPostTransaction(Transaction):
     async def save_author(self, author: AuthorSnapshot) -> None:
         """Insert the snapshot, or replace an older one."""
         if not await insert_ignoring_conflicts(self.conn, authors, author.model_dump()):
-            await self.conn.execute(
-                authors.update()
-                .where(authors.c.id == author.id, authors.c.version < author.version)
-                .values(handle=author.handle, display_name=author.display_name, version=author.version)
+            await self.conn.run(
+                _NEWER_AUTHOR,
+                {
+                    "author_id": author.id,
+                    "newer_version": author.version,
+                    "new_handle": author.handle,
+                    "new_display_name": author.display_name,
+                },
             )
 
     async def _count_like(self, post_id: str, delta: int) -> None:
-        await self.conn.run(_COUNT_LIKE, {"post_id": post_id, "delta": delta})
+        await self.conn.run(_COUNT_LIKE, {"key": post_id, "delta": delta})
 
 
 class SqlPostStore(SqlStore[SqlPostTransaction]):

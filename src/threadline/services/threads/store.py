@@ -7,8 +7,10 @@ import sqlalchemy as sa
 
 from threadline.platform.clock import utcnow
 from threadline.platform.db import (
+    Command,
     Database,
     Migrations,
+    Query,
     SqlStore,
     Transaction,
     UtcDateTime,
@@ -32,8 +34,18 @@ thread_nodes = sa.Table(
     sa.Column("deleted_at", UtcDateTime, nullable=True),
 )
 
+_ROOT_OF_POST = (
+    sa.select(thread_nodes.c.root_id).where(thread_nodes.c.id == sa.bindparam("post_id")).scalar_subquery()
+)
+_CONVERSATION = Query(sa.select(thread_nodes).where(thread_nodes.c.root_id == _ROOT_OF_POST))
+_BURY = Command(
+    thread_nodes.update()
+    .where(thread_nodes.c.id == sa.bindparam("node_id"), thread_nodes.c.deleted_at.is_(None))
+    .values(deleted_at=sa.bindparam("buried_at", type_=UtcDateTime))
+)
 
-def _node(row: sa.Row[Any]) -> ThreadNode:
+
+def _node(row: Any) -> ThreadNode:
     return ThreadNode(
         id=row.id, parent_id=row.parent_id, root_id=row.root_id, deleted=row.deleted_at is not None
     )
@@ -53,9 +65,7 @@ class SqlThreadTransaction(Transaction):
 
     async def conversation(self, post_id: str) -> list[ThreadNode]:
         """Every node sharing `post_id`'s root, in one query."""
-        root_of_post = sa.select(thread_nodes.c.root_id).where(thread_nodes.c.id == post_id).scalar_subquery()
-        rows = await self.conn.execute(sa.select(thread_nodes).where(thread_nodes.c.root_id == root_of_post))
-        return [_node(row) for row in rows]
+        return [_node(row) for row in await self.conn.fetch(_CONVERSATION, {"post_id": post_id})]
 
     async def add_node(self, node: ThreadNode) -> bool:
         """Store a node unless its id is known."""
@@ -65,11 +75,7 @@ class SqlThreadTransaction(Transaction):
         """Mark a node deleted, or store its tombstone."""
         tombstone = _row(node.model_copy(update={"deleted": True}))
         if not await insert_ignoring_conflicts(self.conn, thread_nodes, tombstone):
-            await self.conn.execute(
-                thread_nodes.update()
-                .where(thread_nodes.c.id == node.id, thread_nodes.c.deleted_at.is_(None))
-                .values(deleted_at=tombstone["deleted_at"])
-            )
+            await self.conn.run(_BURY, {"node_id": node.id, "buried_at": tombstone["deleted_at"]})
 
 
 class SqlThreadStore(SqlStore[SqlThreadTransaction]):

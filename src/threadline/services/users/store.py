@@ -8,6 +8,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from threadline.platform.clock import utcnow
 from threadline.platform.db import (
+    Command,
     Connection,
     Database,
     Migrations,
@@ -16,6 +17,7 @@ from threadline.platform.db import (
     SqlStore,
     Transaction,
     UtcDateTime,
+    add_to_counter,
     insert_ignoring_conflicts,
 )
 from threadline.platform.ids import new_id
@@ -76,6 +78,23 @@ _USER_BY_ID = Query(sa.select(users).where(users.c.id == sa.bindparam("user_id")
 _USER_BY_HANDLE = Query(sa.select(users).where(users.c.handle == sa.bindparam("handle")))
 _FOLLOWERS = _follow_page_query(follows.c.followee_id, follows.c.follower_id)
 _FOLLOWING = _follow_page_query(follows.c.follower_id, follows.c.followee_id)
+_UPDATE_PROFILE = Command(
+    users.update()
+    .where(users.c.id == sa.bindparam("user_id"))
+    .values(
+        display_name=sa.bindparam("new_display_name"),
+        bio=sa.bindparam("new_bio"),
+        version=users.c.version + 1,
+    )
+)
+_REMOVE_FOLLOW = Command(
+    follows.delete().where(
+        follows.c.follower_id == sa.bindparam("follower_id"),
+        follows.c.followee_id == sa.bindparam("followee_id"),
+    )
+)
+_COUNT_FOLLOWING = add_to_counter(users.c.id, users.c.following_count)
+_COUNT_FOLLOWERS = add_to_counter(users.c.id, users.c.followers_count)
 
 
 class SigningKeyUnreadable(RuntimeError):
@@ -99,10 +118,8 @@ class SqlUserTransaction(Transaction):
 
     async def update_profile(self, user_id: str, display_name: str, bio: str) -> UserRecord:
         """Store a new profile and bump the version."""
-        await self.conn.execute(
-            users.update()
-            .where(users.c.id == user_id)
-            .values(display_name=display_name, bio=bio, version=users.c.version + 1)
+        await self.conn.run(
+            _UPDATE_PROFILE, {"user_id": user_id, "new_display_name": display_name, "new_bio": bio}
         )
         updated = await self.user_by_id(user_id)
         assert updated is not None
@@ -121,10 +138,9 @@ class SqlUserTransaction(Transaction):
 
     async def remove_follow(self, follower_id: str, followee_id: str) -> bool:
         """Remove a follow and uncount it."""
-        result = await self.conn.execute(
-            follows.delete().where(follows.c.follower_id == follower_id, follows.c.followee_id == followee_id)
+        removed = (
+            await self.conn.run(_REMOVE_FOLLOW, {"follower_id": follower_id, "followee_id": followee_id}) == 1
         )
-        removed = bool(result.rowcount == 1)
         if removed:
             await self._count_follow(follower_id, followee_id, -1)
         return removed
@@ -145,16 +161,8 @@ class SqlUserTransaction(Transaction):
         )
 
     async def _count_follow(self, follower_id: str, followee_id: str, delta: int) -> None:
-        await self.conn.execute(
-            users.update()
-            .where(users.c.id == follower_id)
-            .values(following_count=users.c.following_count + delta)
-        )
-        await self.conn.execute(
-            users.update()
-            .where(users.c.id == followee_id)
-            .values(followers_count=users.c.followers_count + delta)
-        )
+        await self.conn.run(_COUNT_FOLLOWING, {"key": follower_id, "delta": delta})
+        await self.conn.run(_COUNT_FOLLOWERS, {"key": followee_id, "delta": delta})
 
     async def _one(self, query: Query, parameters: dict[str, str]) -> UserRecord | None:
         rows = await self.conn.fetch(query, parameters)
