@@ -1,10 +1,11 @@
 """feed: timeline entries clustered by owner, without the (owner, author) index.
 
 A post's fan-out writes one entry per follower, each into a different place of every B-tree
-of the table: the index by (owner, author) doubled the pages a fan-out dirtied and so the
-bytes each commit wrote and synced (measured: 33 → 17 ms of CPU for an author with 299
-followers). Taking an author out of one timeline, on unfollow, now scans that owner's entries,
-which on SQLite lie together with their author ids in the table itself (WITHOUT ROWID).
+keyed by owner: the index by (owner, author) doubled the pages a fan-out dirtied, and so what
+its commit wrote and synced (measured on SQLite: the fan-out of a post by an author with 299
+followers, commit included, 33 → 17 ms of CPU). Taking an author out of one timeline, on
+unfollow, now reads that owner's entries, which on SQLite lie together with their author ids
+in the table itself (WITHOUT ROWID): 0.5 ms for a timeline of 1,300 entries.
 """
 
 import sqlalchemy as sa
