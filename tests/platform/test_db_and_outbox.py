@@ -17,6 +17,7 @@ from threadline.platform.db import (
     Command,
     Connection,
     Database,
+    InsertIgnoringConflicts,
     Migrations,
     PagedQuery,
     Query,
@@ -757,6 +758,39 @@ async def test_a_command_run_for_many_rows_refuses_lists_of_different_lengths(
                 await conn.run_many(NOTE_REDATE, rows)
     finally:
         await db.close()
+
+
+DATED_NOTE_COPIES = InsertIgnoringConflicts(
+    notes_table,
+    columns=["id", "body"],
+    # A copy's id is the note's with its first character replaced: as long, so it fits the column.
+    from_select=sa.select(
+        sa.bindparam("mark", type_=sa.String) + sa.func.substr(notes_table.c.id, 2), notes_table.c.body
+    ).where(notes_table.c.created_at.is_not(None)),
+)
+
+
+async def test_an_insert_of_a_querys_rows_adds_each_once(db: Database) -> None:
+    """The query's rows are inserted, undated copies of the dated notes; run again, every one clashes."""
+    notes = await insert_dated_notes(db, 4)
+    async with db.write() as conn:
+        first = await conn.run(DATED_NOTE_COPIES.command(conn.dialect), {"mark": "c"})
+        again = await conn.run(DATED_NOTE_COPIES.command(conn.dialect), {"mark": "c"})
+    assert (first, again) == (3, 0)
+    async with db.read() as conn:
+        rows = (await conn.execute(sa.select(notes_table).order_by(notes_table.c.id))).all()
+    copies = sorted((f"c{note_id[1:]}", "x", None) for note_id, at in notes if at is not None)
+    originals = [(note_id, "x", at) for note_id, at in notes]
+    assert sorted(tuple(row) for row in rows if row.id.startswith("c")) == copies
+    assert [tuple(row) for row in rows if not row.id.startswith("c")] == originals
+
+
+def test_an_insert_of_a_querys_rows_must_name_its_columns() -> None:
+    """Columns without a query, or a query without columns, are refused when built."""
+    with pytest.raises(ValueError, match="columns"):
+        InsertIgnoringConflicts(notes_table, columns=["id"])
+    with pytest.raises(ValueError, match="columns"):
+        InsertIgnoringConflicts(notes_table, from_select=sa.select(notes_table.c.id))
 
 
 def test_a_query_whose_columns_share_a_name_is_refused_when_built() -> None:
