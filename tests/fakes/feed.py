@@ -64,7 +64,7 @@ class FakeFeedTransaction(FakeTransaction[FeedState]):
             if edge.followee_id == author_id and edge.following
         ]
         await self.add_entries(
-            [TimelineEntry(owner_id=o, post_id=post_id, author_id=author_id) for o in owners]
+            [TimelineEntry(owner_id=owner, post_id=post_id, author_id=author_id) for owner in owners]
         )
 
     async def keep_post(self, post: PostCopy) -> None:

@@ -74,8 +74,7 @@ async def test_follow_edges_keep_the_newest_version(store: FeedStore) -> None:
 
 
 async def test_fan_out_reaches_every_follower_once(store: FeedStore) -> None:
-    """A post goes to its author's timeline and each follower's, once even if fanned out again,
-    and to no one who follows someone else."""
+    """A post reaches its author and each follower once, even fanned out twice, and no one else."""
     followers = [f"f{i}" for i in range(30)]
     async with store.write() as tx:
         for follower in followers:
