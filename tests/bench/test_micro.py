@@ -132,6 +132,10 @@ def test_report_is_json_and_summarizes_the_hop(run: Run) -> None:
     assert report["added_per_hop_ms"]["p50"] == pytest.approx(run.row(ADDED).p50_us / 1000, abs=1e-3)
     assert report["hop_throughput_ratio"] > 0
     assert report["hop_throughput_ratio_per_core"] > 0
+    assert report["bare_route_server_cpu_ms_per_call"] == pytest.approx(
+        run.row(ADAPTER).cpu_us_per_call["echo"] / 1000, abs=1e-4
+    )
+    assert report["bare_route_server_cpu_ms_per_call"] > 0
     assert set(report["meets_targets"]) == {"added_p50", "added_p99", "hop_throughput_ratio"}
     assert all(isinstance(met, bool) for met in report["meets_targets"].values())
 

@@ -341,7 +341,21 @@ def render_table(result: dict[str, Any]) -> str:
             f"(at 10% load: {loaded['p50']:.2f} / {loaded['p99']:.2f} ms); through the gateway "
             f"{micro['hop_throughput_ratio']:.2f}x the direct throughput of a trivial route"
         )
+        lines += _floor_lines(micro["bare_route_server_cpu_ms_per_call"], result["topologies"])
     return "\n".join(lines)
+
+
+def _floor_lines(floor_ms: float, topologies: list[dict[str, Any]]) -> list[str]:
+    """The monolith's operation costs as multiples of a bare route's, both measured in this run."""
+    line = (
+        f"for scale: a bare FastAPI route on uvicorn (a small JSON body in and out) cost its server "
+        f"{floor_ms:.3f} ms of CPU per sequential call"
+    )
+    if floor_ms <= 0:
+        return [line]
+    costs: dict[str, Any] = next((t["operation_cost"] for t in topologies if t["topology"] == "monolith"), {})
+    multiples = ", ".join(f"{kind} {cost['cpu_ms_per_call'] / floor_ms:.1f}x" for kind, cost in costs.items())
+    return [line + (f"; the monolith's operations: {multiples}" if multiples else "")]
 
 
 def _operation_cost_lines(costs: dict[str, Any], targets: dict[str, float]) -> list[str]:

@@ -222,6 +222,9 @@ def micro_report(results: Sequence[MicroResult]) -> dict[str, Any]:
         "cpu_us_per_call": {"direct": direct.cpu_us_per_call, "hop": through_hop.cpu_us_per_call},
         "saturation_callers": _SATURATION_CALLERS,
         "background_load_calls_per_s": round(rows[BACKGROUND].calls_per_s, 1),
+        # What a bare FastAPI route on uvicorn (a small JSON body in and out) cost its server per
+        # sequential call: the floor any route of ours stands on, measured in the same run.
+        "bare_route_server_cpu_ms_per_call": round(adapter.cpu_us_per_call["echo"] / 1000, 4),
         "adapter_vs_raw_aiohttp_p50_us": round(adapter.p50_us - raw.p50_us, 1),
         "httpx_vs_aiohttp_p50": round(rows[HTTPX].p50_us / raw.p50_us, 2),
         "targets": {

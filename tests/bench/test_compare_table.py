@@ -1,0 +1,62 @@
+"""The bench's terminal table puts the monolith's operation costs beside a bare route's, from one run."""
+
+from typing import Any
+
+from threadline.bench.compare import render_table
+
+
+def cost(cpu_ms: float) -> dict[str, Any]:
+    """One operation kind's cost, as the bench records it."""
+    return {
+        "calls": 100,
+        "cpu_ms_per_call": cpu_ms,
+        "cpu_ms_by_process": {"monolith": cpu_ms},
+        "wall_ms_per_call": 2 * cpu_ms,
+        "errors": 0,
+        "error_reasons": {},
+        "warmup_calls": 10,
+        "warmup_errors": 0,
+        "items_per_call": None,
+        "settled": True,
+        "settle_s": 0.0,
+        "idle_cpu_ms_per_s": 1.0,
+    }
+
+
+def result(floor_ms: float) -> dict[str, Any]:
+    """A bench result of one monolith with two operation kinds and the microbenchmarks' summary."""
+    return {
+        "config": {"p99_bound_ms": 200.0},
+        "operation_cost_targets_ms": {"monolith": {"feed": 0.5}},
+        "topologies": [
+            {
+                "topology": "monolith",
+                "max_sustainable_rate": 100,
+                "processes": ["monolith"],
+                "steps": [],
+                "operation_cost": {"feed": cost(1.2), "compose": cost(3.0)},
+            }
+        ],
+        "micro": {
+            "added_per_hop_ms": {"p50": 0.2, "p99": 0.4},
+            "added_per_hop_at_10pct_load_ms": {"p50": 0.25, "p99": 0.5},
+            "hop_throughput_ratio": 0.7,
+            "bare_route_server_cpu_ms_per_call": floor_ms,
+        },
+    }
+
+
+def test_operation_costs_are_given_as_multiples_of_a_bare_route() -> None:
+    """Each monolith operation's CPU is divided by the bare route's CPU per call of the same run."""
+    table = render_table(result(0.3))
+    floor_line = table.splitlines()[-1]
+    assert "0.300 ms of CPU per sequential call" in floor_line
+    assert "feed 4.0x" in floor_line
+    assert "compose 10.0x" in floor_line
+
+
+def test_a_zero_floor_gives_no_multiples() -> None:
+    """A bare route measured at no CPU (too few ticks) gives its figure but no division by zero."""
+    floor_line = render_table(result(0.0)).splitlines()[-1]
+    assert "0.000 ms of CPU per sequential call" in floor_line
+    assert "x" not in floor_line.split("call")[-1]
