@@ -89,6 +89,8 @@ class Process:
     async def start(self) -> None:
         """Open every database (migrating it), connect the bus, start the outbox relays."""
         for component in self.components.values():
+            # Said first: a migration that rebuilds a large table can take minutes.
+            log.info("%s: opening its database, applying any pending migrations", component.name)
             await component.database.open(component.migrations)
         if self.bus is not None:
             await self.bus.start()

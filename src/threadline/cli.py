@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         "--nats-url",
         help="an existing NATS server to use instead of starting an embedded one",
     )
+    up.add_argument(
+        "--ready-timeout",
+        type=_positive,
+        default=60,
+        help="seconds each process may take to become ready, migrating its database included (default 60)",
+    )
     up.set_defaults(command=_up)
 
     serve = commands.add_parser(
@@ -193,7 +199,7 @@ def _up(args: argparse.Namespace) -> int:
     }
     settings = Settings(**overrides)
     topology = parse_topology(settings.topology, SERVICES)
-    return run(Runner(topology, settings))
+    return run(Runner(topology, settings, ready_timeout=args.ready_timeout))
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -432,7 +432,8 @@ class Runner:
                 proc = pending[0]
                 raise StartError(
                     f"{proc.spec.name} was not ready after {self._ready_timeout:g}s "
-                    f"({proc.spec.url}/readyz); last lines of {proc.log_path}:\n"
+                    f"({proc.spec.url}/readyz); if its log shows it migrating a large database, "
+                    f"give it longer with `threadline up --ready-timeout`; last lines of {proc.log_path}:\n"
                     f"{_tail(proc.log_path, proc.log_offset)}"
                 )
             if pending:

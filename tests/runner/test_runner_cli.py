@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -152,3 +153,30 @@ def test_the_marker_written_on_first_run_says_format_1(tmp_path: Path, busy_port
     cli.main(_up(tmp_path, "--port", str(busy_port)))
 
     assert json.loads((tmp_path / "data" / MARKER_FILE).read_text()) == {"format": 1}
+
+
+def test_up_gives_each_process_the_ready_timeout_it_is_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--ready-timeout 300` reaches the runner (a large migration may need minutes); 60 s by default."""
+    timeouts: list[float] = []
+
+    def recording_runner(*args: Any, ready_timeout: float, **options: Any) -> object:
+        timeouts.append(ready_timeout)
+        return object()
+
+    monkeypatch.setattr(cli, "Runner", recording_runner)
+    monkeypatch.setattr(cli, "run", lambda runner: 0)
+
+    assert cli.main(["up", "--data-dir", str(tmp_path), "--ready-timeout", "300"]) == 0
+    assert cli.main(["up", "--data-dir", str(tmp_path)]) == 0
+    assert timeouts == [300, 60]
+
+
+def test_a_ready_timeout_that_is_not_positive_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--ready-timeout 0`: argparse's usage error, exit 2."""
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["up", "--ready-timeout", "0"])
+
+    assert raised.value.code == 2
+    assert "is not a positive whole number" in capsys.readouterr().err

@@ -212,7 +212,7 @@ def test_a_process_not_ready_by_the_deadline_stops_everything(
         ready_timeout=1.0,
     )
 
-    with pytest.raises(StartError, match=r"users was not ready after 1s .*/readyz"):
+    with pytest.raises(StartError, match=r"users was not ready after 1s .*/readyz.*--ready-timeout"):
         runner.start()
 
     assert all(pid_gone(p.pid) for p in runner.processes)
