@@ -21,7 +21,7 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy.exc import DatabaseError
 from starlette.middleware import Middleware
 
-from threadline.gateway.routes import FORWARDED, ServiceState
+from threadline.gateway.routes import AccountIds, ServiceState, forwards
 from threadline.gateway.routes import build_router as gateway_router
 from threadline.platform.component import Component
 from threadline.platform.events import Bus, InProcessBus
@@ -135,7 +135,9 @@ def build_process(group: tuple[str, ...], settings: Settings) -> Process:
 
     verifier = TokenVerifier(api("users").jwks)
     routers: list[APIRouter] = [component.router for component in components.values()]
+    middleware: list[Middleware] = []
     if GATEWAY in group:
+        account_ids = AccountIds(api("users"))
         # The public routes first: every request is matched against the routes in order.
         routers.insert(
             0,
@@ -147,12 +149,12 @@ def build_process(group: tuple[str, ...], settings: Settings) -> Process:
                 payments=api("payments"),
                 topology=topology.name,
                 status=_status_probe(components, settings, session),
+                account_ids=account_ids,
             ),
         )
-    middleware: list[Middleware] = []
-    forwards = [forward for forward in FORWARDED if forward.service in clients]
-    if GATEWAY in group and forwards:
-        middleware.append(Middleware(Forwarding, forwards=forwards, clients=clients))
+        remote = [forward for forward in forwards(account_ids) if forward.service in clients]
+        if remote:
+            middleware.append(Middleware(Forwarding, forwards=remote, clients=clients))
     bus = _bus(topology, settings) if components else None
     relays = []
     for component in components.values():

@@ -61,6 +61,19 @@ async def test_invalid_public_input_is_422(api: Api, method: str, path: str, bod
     assert_error(await api.call(method, path, json=body), 422, "invalid_request")
 
 
+async def test_an_author_page_refuses_a_bad_page_or_token_alike_before_and_after_its_handle_is_known(
+    api: Api,
+) -> None:
+    """422 for a bad page, 401 for a bad token, whether the gateway answers or forwards the page."""
+    author, _ = await api.sign_up("paged")
+    path = f"/api/v1/users/{author['handle']}/posts"
+    for _ in range(2):  # the first read that succeeds teaches the gateway the handle
+        for query in ("?limit=0", "?limit=101", "?limit=many", "?cursor=" + "c" * 65):
+            assert_error(await api.call("GET", path + query), 422, "invalid_request")
+        assert_error(await api.call("GET", path, headers={"Authorization": "Bearer not.a.token"}), 401)
+        assert (await api.call("GET", path)).body == {"items": [], "next_cursor": None, "degraded": []}
+
+
 async def test_invalid_registration_writes_nothing(api: Api) -> None:
     """A refused registration leaves no account behind."""
     reply = await api.call("POST", "/api/v1/users", json={"handle": "never_made", "password": "short"})

@@ -23,7 +23,7 @@ from yarl import URL
 
 from tests.support.polling import eventually
 from tests.support.servers import serving
-from threadline.platform.forwarding import Forward, Forwarding
+from threadline.platform.forwarding import Forward, Forwarding, PathValues
 from threadline.platform.http_client import ServiceClient
 from threadline.platform.http_pool import HttpSession
 from threadline.platform.tokens import TokenVerifier
@@ -37,8 +37,19 @@ CLIENT_TIMEOUT_SECONDS = 10.0
 # Deadline for anything that should succeed: generous, so a busy machine only makes a test slower.
 DEADLINE = 20.0
 
+# Names the gateway can turn into item ids without asking anyone; others it leaves to its own route.
+KNOWN_NAMES = {"widget": "item 7"}
+
+
+def item_named(values: PathValues) -> PathValues | None:
+    """The target's parameters for a known name; None leaves the request to the gateway's route."""
+    item_id = KNOWN_NAMES.get(values["name"])
+    return None if item_id is None else {"item_id": item_id}
+
+
 FORWARDS = [
     Forward("GET", "/api/items/{item_id}", SERVICE, "/internal/items/{item_id}"),
+    Forward("GET", "/api/named/{name}", SERVICE, "/internal/items/{item_id}", rewrite=item_named),
     Forward("DELETE", "/api/items/{item_id}", SERVICE, "/internal/items/{item_id}"),
     Forward("POST", "/api/items", SERVICE, "/internal/items"),
     Forward("GET", "/api/pairs/{first}/and/{second}", SERVICE, "/internal/pairs/{second}/{first}"),
@@ -163,6 +174,11 @@ def gateway_router(calls: list[str]) -> APIRouter:
     async def post_item(item_id: str) -> dict[str, str]:
         calls.append(f"POST {item_id}")
         return {"from": "gateway", "item_id": item_id}
+
+    @router.get("/api/named/{name}")
+    async def named(name: str) -> dict[str, str]:
+        calls.append(f"GET named {name}")
+        return {"from": "gateway", "name": name}
 
     @router.get("/api/other")
     async def other() -> dict[str, str]:
@@ -411,6 +427,32 @@ async def test_an_empty_segment_or_another_number_of_segments_is_not_forwarded(
     assert gateway.own_calls == []
 
 
+async def test_a_rewritten_forward_reaches_the_target_its_rewrite_names(
+    upstream: Upstream, gateway: Gateway
+) -> None:
+    """A path parameter the rewrite turns into another reaches the upstream as the target's."""
+    reply = await gateway.call("GET", "/api/named/widget?limit=3")
+    assert reply.status == 200, reply
+    assert reply.json() == {"from": "upstream", "item_id": "item 7", "n": 1.5}
+    [seen] = upstream.seen
+    assert (seen.path, seen.params, seen.query) == (
+        "/internal/items/item 7",
+        {"item_id": "item 7"},
+        b"limit=3",
+    )
+    assert gateway.own_calls == []
+
+
+async def test_a_forward_whose_rewrite_declines_is_answered_by_the_app(
+    upstream: Upstream, gateway: Gateway
+) -> None:
+    """A rewrite that returns None leaves the request to the gateway's own route at that path."""
+    reply = await gateway.call("GET", "/api/named/gadget")
+    assert (reply.status, reply.json()) == (200, {"from": "gateway", "name": "gadget"})
+    assert gateway.own_calls == ["GET named gadget"]
+    assert upstream.seen == []
+
+
 async def test_an_unforwarded_path_reaches_the_app(upstream: Upstream, gateway: Gateway) -> None:
     """A request matching no Forward is answered by the gateway's own route."""
     reply = await gateway.call("GET", "/api/other")
@@ -637,6 +679,12 @@ def test_forward_accepts_a_target_using_some_of_its_paths_parameters_in_any_orde
     forward = Forward("GET", "/a/{x}/{y}", SERVICE, "/b/{y}/c/{x}")
     assert forward.target == "/b/{y}/c/{x}"
     Forward("GET", "/a/{x}/{y}", SERVICE, "/b/{y}")
+
+
+def test_forward_accepts_a_target_naming_parameters_its_rewrite_gives() -> None:
+    """With a rewrite, the target's parameters are the rewrite's to give, not the path's."""
+    forward = Forward("GET", "/api/named/{name}", SERVICE, "/internal/items/{item_id}", rewrite=item_named)
+    assert forward.rewrite is item_named
 
 
 @pytest.mark.parametrize(

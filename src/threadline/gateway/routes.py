@@ -6,7 +6,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel
 
-from threadline.platform.forwarding import Forward
+from threadline.platform.forwarding import Forward, PathValues
 from threadline.platform.lru import LruCache
 from threadline.platform.pagination import Page, Paging
 from threadline.platform.web import Caller, Viewer
@@ -38,7 +38,15 @@ from threadline.services.users.api import (
     UsersApi,
 )
 
-__all__ = ["FORWARDED", "AccountIds", "ServiceState", "ServiceStatus", "StatusAnswer", "build_router"]
+__all__ = [
+    "FORWARDED",
+    "AccountIds",
+    "ServiceState",
+    "ServiceStatus",
+    "StatusAnswer",
+    "build_router",
+    "forwards",
+]
 
 FORWARDED = (
     Forward("POST", "/api/v1/users", USERS, "/users/accounts"),
@@ -69,7 +77,8 @@ FORWARDED = (
 
 Each is also declared below, for the API documentation and for a service in the gateway's process.
 The others need the gateway: the caller's id from the token (/me), a handle turned into an
-account id (author pages, subscribe, tip), or an answer reshaped (a single post).
+account id (subscribe, tip; author pages too, which `forwards` adds for handles it knows), or an
+answer reshaped (a single post).
 """
 
 
@@ -115,6 +124,28 @@ class AccountIds:
         self._ids.put(handle, account_id)
         return account_id
 
+    def known(self, handle: str) -> str | None:
+        """The id of the account with `handle` if it is remembered; never calls users."""
+        return self._ids.get(handle)
+
+
+def forwards(account_ids: AccountIds) -> tuple[Forward, ...]:
+    """Every edge route that may be forwarded: FORWARDED, and author pages of known handles.
+
+    An author page is posts' answer for the author's account id. Only a handle already
+    remembered is forwarded: for any other the edge route answers, checking the caller's token
+    and page before looking the handle up, so errors come in the same order in every topology.
+    """
+
+    def author_of(values: PathValues) -> PathValues | None:
+        account_id = account_ids.known(values["handle"])
+        return None if account_id is None else {"author_id": account_id}
+
+    author_page = Forward(
+        "GET", "/api/v1/users/{handle}/posts", POSTS, "/posts/authors/{author_id}/posts", rewrite=author_of
+    )
+    return (*FORWARDED, author_page)
+
 
 def build_router(
     *,
@@ -125,10 +156,10 @@ def build_router(
     payments: PaymentsApi,
     topology: str,
     status: ServiceStatus,
+    account_ids: AccountIds,
 ) -> APIRouter:
-    """The /api/v1 routes."""
+    """The /api/v1 routes; `account_ids` must be the one `forwards` was given."""
     router = APIRouter(prefix="/api/v1")
-    account_ids = AccountIds(users)
 
     async def party(handle: str) -> Party:
         return Party(id=await account_ids.id_of(handle), handle=handle)

@@ -8,10 +8,12 @@ and the caller's token itself, with the same models and the same error shape, so
 cannot tell the difference. Deadlines, body limits and metrics still apply: this middleware
 runs inside the app's edge middleware. Only requests to a service in another process are
 forwarded; the edge route stays declared for the API documentation and the monolith.
+A route whose target needs what its path does not hold (an author page names a handle, posts
+wants an account id) gets it from its `rewrite`, which may decline: the app then answers.
 """
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -20,7 +22,7 @@ from threadline.platform.errors import ServiceError
 from threadline.platform.http_client import ServiceClient
 from threadline.platform.web import UNEXPECTED_ERROR, send_error, send_json
 
-__all__ = ["Forward", "Forwarding"]
+__all__ = ["Forward", "Forwarding", "PathValues", "Rewrite"]
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +30,17 @@ log = logging.getLogger(__name__)
 _FORWARDED_HEADERS = frozenset({b"authorization", b"idempotency-key"})
 
 
+PathValues = Mapping[str, str]
+Rewrite = Callable[[PathValues], PathValues | None]
+"""Gives the target's parameters from the path's, or None to leave the request to the app."""
+
+
 @dataclass(frozen=True)
 class Forward:
     """An edge route whose answer is a service's internal route's answer, byte for byte.
 
     `path` and `target` are templates whose `{name}` segments match one path segment each;
-    every name in `target` must appear in `path`.
+    every name in `target` must appear in `path`, or, with `rewrite`, in what it returns.
     """
 
     method: str
@@ -42,6 +49,8 @@ class Forward:
     target: str
     idempotent: bool | None = None
     """Whether it may be retried; None: by its method, as `ServiceClient.call` decides."""
+    rewrite: Rewrite | None = None
+    """Turns the path's parameters into the target's, without I/O: it runs on every match."""
 
     def __post_init__(self) -> None:
         for template in (self.path, self.target):
@@ -50,7 +59,7 @@ class Forward:
                 if braced and not (_is_name(segment) and segment[1:-1].isidentifier()):
                     raise ValueError(f"{template}: a parameter must be a whole segment, as {{name}}")
         missing = set(_names(self.target)) - set(_names(self.path))
-        if missing:
+        if missing and self.rewrite is None:
             raise ValueError(f"{self.target}: {sorted(missing)} do not appear in {self.path}")
 
 
@@ -71,7 +80,11 @@ class _Route:
                 values[next(names)] = part
             elif segment != part:
                 return None
-        return self.forward.target.format_map(values)
+        rewrite = self.forward.rewrite
+        if rewrite is None:
+            return self.forward.target.format_map(values)
+        rewritten = rewrite(values)
+        return None if rewritten is None else self.forward.target.format_map(rewritten)
 
 
 class Forwarding:

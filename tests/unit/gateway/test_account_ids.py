@@ -1,10 +1,10 @@
-"""The gateway remembers which account a handle names, so it asks users only once per handle."""
+"""The gateway asks users once per handle, and forwards author pages of the handles it knows."""
 
 import pytest
 
 from tests.fakes.users import FakeUserStore
 from tests.unit.users.test_users_service import FAST_HASHER
-from threadline.gateway.routes import AccountIds
+from threadline.gateway.routes import AccountIds, forwards
 from threadline.platform.errors import ServiceUnavailable
 from threadline.services.users.api import UserCreate, UserNotFound, UserPublic
 from threadline.services.users.service import UsersService
@@ -42,6 +42,18 @@ async def test_a_known_handle_is_answered_from_memory_even_while_users_is_down()
         await ids.id_of("bob")
 
 
+async def test_known_answers_only_from_memory() -> None:
+    """`known` gives a remembered handle's id and None for any other, without asking users."""
+    users = CountingUsers()
+    ann = await register(users, "ann")
+    await register(users, "bob")
+    ids = AccountIds(users)
+    assert ids.known("ann") is None
+    await ids.id_of("ann")
+    assert (ids.known("ann"), ids.known("bob")) == (ann, None)
+    assert users.lookups == 1
+
+
 async def test_an_unknown_handle_is_asked_again_so_a_later_registration_is_found() -> None:
     """Not-found is not remembered."""
     users = CountingUsers()
@@ -66,3 +78,18 @@ async def test_memory_is_bounded_keeping_the_most_recently_used() -> None:
     assert users.lookups == 3
     await ids.id_of("bob")
     assert users.lookups == 4
+
+
+async def test_an_author_page_is_forwarded_only_for_a_handle_the_gateway_knows() -> None:
+    """The author page's rewrite names the account of a remembered handle and declines any other."""
+    users = CountingUsers()
+    ann = await register(users, "ann")
+    await register(users, "bob")
+    account_ids = AccountIds(users)
+    [author_page] = [f for f in forwards(account_ids) if f.path == "/api/v1/users/{handle}/posts"]
+    assert author_page.rewrite is not None
+    assert author_page.rewrite({"handle": "ann"}) is None
+    assert await account_ids.id_of("ann") == ann
+    assert author_page.rewrite({"handle": "ann"}) == {"author_id": ann}
+    assert author_page.rewrite({"handle": "bob"}) is None
+    assert users.lookups == 1
