@@ -7,6 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from threadline.platform.db import (
+    Command,
     Connection,
     Database,
     Migrations,
@@ -143,12 +144,89 @@ sandbox_charges = sa.Table(
 )
 
 
+# Every statement is built once; a request binds its values (see `Query` and `Command`).
+_LOCK_ACCOUNT = Query(
+    sa.select(accounts.c.user_id).where(accounts.c.user_id == sa.bindparam("user_id")).with_for_update()
+)
+_PRICE = Query(sa.select(prices.c.price_cents).where(prices.c.user_id == sa.bindparam("user_id")))
+_NEW_PRICE = Command(
+    prices.update()
+    .where(prices.c.user_id == sa.bindparam("creator_id"))
+    .values(
+        price_cents=sa.bindparam("new_price_cents"),
+        updated_at=sa.bindparam("new_updated_at", type_=UtcDateTime),
+    )
+)
+_INSERT_SUBSCRIPTION = Command(subscriptions.insert())
+_UPDATE_SUBSCRIPTION = Command(
+    subscriptions.update()
+    .where(subscriptions.c.id == sa.bindparam("subscription_id"))
+    .values(
+        status=sa.bindparam("new_status"),
+        current_period_end=sa.bindparam("new_period_end", type_=UtcDateTime),
+        canceled_at=sa.bindparam("new_canceled_at", type_=UtcDateTime),
+    )
+)
+_INSERT_TIP = Command(tips.insert())
+_INSERT_LEDGER_TRANSACTION = Command(ledger_transactions.insert())
+_INSERT_LEDGER_ENTRY = Command(ledger_entries.insert())
+_AMOUNT = ledger_entries.c.amount_cents
+_ACCOUNT_TOTALS = Query(
+    sa.select(
+        sa.func.coalesce(sa.func.sum(sa.case((_AMOUNT > 0, _AMOUNT), else_=0)), 0).label("earned"),
+        sa.func.coalesce(sa.func.sum(sa.case((_AMOUNT < 0, -_AMOUNT), else_=0)), 0).label("spent"),
+    ).where(ledger_entries.c.account == sa.bindparam("account"))
+)
+_IDEMPOTENCY_RECORD = Query(
+    sa.select(idempotency_records).where(
+        idempotency_records.c.caller_id == sa.bindparam("caller_id"),
+        idempotency_records.c.key == sa.bindparam("key"),
+    )
+)
+_SUBJECT_IN_FLIGHT = Query(
+    sa.select(sa.literal(1).label("found")).where(
+        idempotency_records.c.caller_id == sa.bindparam("caller_id"),
+        idempotency_records.c.subject == sa.bindparam("subject"),
+        idempotency_records.c.state == "pending",
+        idempotency_records.c.claimed_at >= sa.bindparam("claimed_since", type_=UtcDateTime),
+    )
+)
+# A pending claim: its caller, key and the token of whoever holds it.
+# (Parameter names of an UPDATE may not be column names.)
+_PENDING_CLAIM = (
+    idempotency_records.c.caller_id == sa.bindparam("claim_caller"),
+    idempotency_records.c.key == sa.bindparam("claim_key"),
+    idempotency_records.c.state == "pending",
+    idempotency_records.c.claim_token == sa.bindparam("holder_token"),
+)
+_TAKE_OVER_CLAIM = Command(
+    idempotency_records.update()
+    .where(*_PENDING_CLAIM)
+    .values(
+        claim_token=sa.bindparam("new_token"), claimed_at=sa.bindparam("new_claimed_at", type_=UtcDateTime)
+    )
+)
+_COMPLETE_CLAIM = Command(
+    idempotency_records.update()
+    .where(*_PENDING_CLAIM)
+    .values(state="done", outcome=sa.bindparam("new_outcome", type_=sa.JSON))
+)
+_RELEASE_CLAIM = Command(idempotency_records.delete().where(*_PENDING_CLAIM))
+_CHARGE = Query(
+    sa.select(sandbox_charges).where(sandbox_charges.c.idempotency_key == sa.bindparam("idempotency_key"))
+)
+
+
+def _pending_claim(caller_id: str, key: str, token: str) -> dict[str, str]:
+    return {"claim_caller": caller_id, "claim_key": key, "holder_token": token}
+
+
 def _subscription(row: Any) -> SubscriptionRecord:
     return SubscriptionRecord.model_validate(row._asdict())
 
 
-def _idempotency_record(row: sa.Row[Any]) -> IdempotencyRecord:
-    values = dict(row._mapping)
+def _idempotency_record(row: Any) -> IdempotencyRecord:
+    values = row._asdict()
     outcome = values.pop("outcome")
     return IdempotencyRecord(**values, outcome=None if outcome is None else Outcome.model_validate(outcome))
 
@@ -163,23 +241,19 @@ class SqlPaymentTransaction(Transaction):
     async def lock_account(self, user_id: str, handle: str) -> None:
         """Open the account if needed and lock its row (a no-op lock on SQLite, whose writes queue)."""
         await self.open_account(user_id, handle)
-        await self.conn.execute(
-            sa.select(accounts.c.user_id).where(accounts.c.user_id == user_id).with_for_update()
-        )
+        await self.conn.fetch(_LOCK_ACCOUNT, {"user_id": user_id})
 
     async def price(self, user_id: str) -> int:
         """A creator's price; 0 when none was set."""
-        price = await self.conn.scalar(sa.select(prices.c.price_cents).where(prices.c.user_id == user_id))
-        return int(price or 0)
+        rows = await self.conn.fetch(_PRICE, {"user_id": user_id})
+        return int(rows[0].price_cents) if rows else 0
 
     async def set_price(self, user_id: str, price_cents: int, at: datetime) -> None:
         """Insert or replace a creator's price."""
         values = {"user_id": user_id, "price_cents": price_cents, "updated_at": at}
         if not await insert_ignoring_conflicts(self.conn, prices, values):
-            await self.conn.execute(
-                prices.update()
-                .where(prices.c.user_id == user_id)
-                .values(price_cents=price_cents, updated_at=at)
+            await self.conn.run(
+                _NEW_PRICE, {"creator_id": user_id, "new_price_cents": price_cents, "new_updated_at": at}
             )
 
     async def subscription(self, subscription_id: str) -> SubscriptionRecord | None:
@@ -196,18 +270,18 @@ class SqlPaymentTransaction(Transaction):
 
     async def insert_subscription(self, subscription: SubscriptionRecord) -> None:
         """Store a new subscription; a second active one for the same pair violates a unique index."""
-        await self.conn.execute(subscriptions.insert().values(**subscription.model_dump()))
+        await self.conn.run(_INSERT_SUBSCRIPTION, subscription.model_dump())
 
     async def update_subscription(self, subscription: SubscriptionRecord) -> None:
         """Store a subscription's status, period end and cancel time."""
-        await self.conn.execute(
-            subscriptions.update()
-            .where(subscriptions.c.id == subscription.id)
-            .values(
-                status=subscription.status,
-                current_period_end=subscription.current_period_end,
-                canceled_at=subscription.canceled_at,
-            )
+        await self.conn.run(
+            _UPDATE_SUBSCRIPTION,
+            {
+                "subscription_id": subscription.id,
+                "new_status": subscription.status,
+                "new_period_end": subscription.current_period_end,
+                "new_canceled_at": subscription.canceled_at,
+            },
         )
 
     async def subscriptions_of(
@@ -226,15 +300,13 @@ class SqlPaymentTransaction(Transaction):
 
     async def insert_tip(self, tip: TipRecord) -> None:
         """Store a tip."""
-        await self.conn.execute(tips.insert().values(**tip.model_dump()))
+        await self.conn.run(_INSERT_TIP, tip.model_dump())
 
     async def record_ledger(self, transaction: LedgerTransaction) -> None:
         """Store a ledger transaction and its entries."""
-        await self.conn.execute(
-            ledger_transactions.insert().values(**transaction.model_dump(exclude={"entries"}))
-        )
-        await self.conn.execute(
-            ledger_entries.insert(),
+        await self.conn.run(_INSERT_LEDGER_TRANSACTION, transaction.model_dump(exclude={"entries"}))
+        await self.conn.run_many(
+            _INSERT_LEDGER_ENTRY,
             [
                 {"transaction_id": transaction.id, "account": e.account, "amount_cents": e.amount_cents}
                 for e in transaction.entries
@@ -243,27 +315,13 @@ class SqlPaymentTransaction(Transaction):
 
     async def account_totals(self, account: str) -> tuple[int, int]:
         """Earned and spent cents of an account, from the (account, amount_cents) index alone."""
-        amount = ledger_entries.c.amount_cents
-        row = (
-            await self.conn.execute(
-                sa.select(
-                    sa.func.coalesce(sa.func.sum(sa.case((amount > 0, amount), else_=0)), 0),
-                    sa.func.coalesce(sa.func.sum(sa.case((amount < 0, -amount), else_=0)), 0),
-                ).where(ledger_entries.c.account == account)
-            )
-        ).one()
-        return int(row[0]), int(row[1])
+        [totals] = await self.conn.fetch(_ACCOUNT_TOTALS, {"account": account})
+        return int(totals.earned), int(totals.spent)
 
     async def idempotency_record(self, caller_id: str, key: str) -> IdempotencyRecord | None:
         """A caller's record of a key."""
-        row = (
-            await self.conn.execute(
-                sa.select(idempotency_records).where(
-                    idempotency_records.c.caller_id == caller_id, idempotency_records.c.key == key
-                )
-            )
-        ).first()
-        return None if row is None else _idempotency_record(row)
+        rows = await self.conn.fetch(_IDEMPOTENCY_RECORD, {"caller_id": caller_id, "key": key})
+        return _idempotency_record(rows[0]) if rows else None
 
     async def insert_idempotency_record(self, record: IdempotencyRecord) -> bool:
         """Store a new record unless the caller has one for the key."""
@@ -273,49 +331,29 @@ class SqlPaymentTransaction(Transaction):
 
     async def subject_in_flight(self, caller_id: str, subject: str, claimed_since: datetime) -> bool:
         """Whether a fresh pending claim of the caller is about `subject`."""
-        found = await self.conn.scalar(
-            sa.select(sa.literal(1)).where(
-                idempotency_records.c.caller_id == caller_id,
-                idempotency_records.c.subject == subject,
-                idempotency_records.c.state == "pending",
-                idempotency_records.c.claimed_at >= claimed_since,
-            )
+        rows = await self.conn.fetch(
+            _SUBJECT_IN_FLIGHT, {"caller_id": caller_id, "subject": subject, "claimed_since": claimed_since}
         )
-        return found is not None
+        return bool(rows)
 
     async def take_over_claim(
         self, caller_id: str, key: str, stale_token: str, token: str, at: datetime
     ) -> bool:
         """Move a pending claim to a new token."""
-        result = await self.conn.execute(
-            self._pending(caller_id, key, stale_token).values(claim_token=token, claimed_at=at)
-        )
-        return bool(result.rowcount == 1)
+        claim = _pending_claim(caller_id, key, stale_token)
+        return await self.conn.run(_TAKE_OVER_CLAIM, {**claim, "new_token": token, "new_claimed_at": at}) == 1
 
     async def complete_claim(self, caller_id: str, key: str, token: str, outcome: Outcome) -> bool:
         """Record the outcome of a pending claim."""
-        result = await self.conn.execute(
-            self._pending(caller_id, key, token).values(state="done", outcome=outcome.model_dump(mode="json"))
+        claim = _pending_claim(caller_id, key, token)
+        return (
+            await self.conn.run(_COMPLETE_CLAIM, {**claim, "new_outcome": outcome.model_dump(mode="json")})
+            == 1
         )
-        return bool(result.rowcount == 1)
 
     async def release_claim(self, caller_id: str, key: str, token: str) -> None:
         """Delete a pending claim."""
-        await self.conn.execute(
-            idempotency_records.delete().where(*self._pending_where(caller_id, key, token))
-        )
-
-    def _pending(self, caller_id: str, key: str, token: str) -> sa.Update:
-        return idempotency_records.update().where(*self._pending_where(caller_id, key, token))
-
-    @staticmethod
-    def _pending_where(caller_id: str, key: str, token: str) -> list[sa.ColumnElement[bool]]:
-        return [
-            idempotency_records.c.caller_id == caller_id,
-            idempotency_records.c.key == key,
-            idempotency_records.c.state == "pending",
-            idempotency_records.c.claim_token == token,
-        ]
+        await self.conn.run(_RELEASE_CLAIM, _pending_claim(caller_id, key, token))
 
 
 class SqlPaymentStore(SqlStore[SqlPaymentTransaction]):
@@ -348,9 +386,5 @@ class SqlChargeStore:
 
     @staticmethod
     async def _find(conn: Connection, idempotency_key: str) -> Charge | None:
-        row = (
-            await conn.execute(
-                sa.select(sandbox_charges).where(sandbox_charges.c.idempotency_key == idempotency_key)
-            )
-        ).first()
-        return None if row is None else Charge.model_validate(dict(row._mapping))
+        rows = await conn.fetch(_CHARGE, {"idempotency_key": idempotency_key})
+        return Charge.model_validate(rows[0]._asdict()) if rows else None
