@@ -1,7 +1,7 @@
 """The public API (API.md) over the services' Protocols, whichever adapter implements them."""
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel
@@ -25,7 +25,7 @@ from threadline.services.payments.api import (
     TipPublic,
 )
 from threadline.services.posts.api import SERVICE as POSTS
-from threadline.services.posts.api import PostCreate, PostPage, PostPublic, PostsApi
+from threadline.services.posts.api import PostAnswer, PostCreate, PostPage, PostPublic, PostsApi
 from threadline.services.threads.api import SERVICE as THREADS
 from threadline.services.threads.api import ThreadPublic, ThreadsApi
 from threadline.services.users.api import SERVICE as USERS
@@ -58,6 +58,7 @@ FORWARDED = (
     Forward("GET", "/api/v1/users/{handle}/followers", USERS, "/users/handles/{handle}/followers"),
     Forward("GET", "/api/v1/users/{handle}/following", USERS, "/users/handles/{handle}/following"),
     Forward("POST", "/api/v1/posts", POSTS, "/posts/posts"),
+    Forward("GET", "/api/v1/posts/{post_id}", POSTS, "/posts/posts/{post_id}"),
     Forward("DELETE", "/api/v1/posts/{post_id}", POSTS, "/posts/posts/{post_id}"),
     Forward("PUT", "/api/v1/posts/{post_id}/like", POSTS, "/posts/posts/{post_id}/like"),
     Forward("DELETE", "/api/v1/posts/{post_id}/like", POSTS, "/posts/posts/{post_id}/like"),
@@ -76,9 +77,8 @@ FORWARDED = (
 """The routes whose answer is the owning service's own: forwarded as bytes when it runs elsewhere.
 
 Each is also declared below, for the API documentation and for a service in the gateway's process.
-The others need the gateway: the caller's id from the token (/me), a handle turned into an
-account id (subscribe, tip; author pages too, which `forwards` adds for handles it knows), or an
-answer reshaped (a single post).
+The others need the gateway: the caller's id from the token (/me) or a handle turned into an
+account id (subscribe, tip; author pages too, which `forwards` adds for handles it knows).
 """
 
 
@@ -211,9 +211,8 @@ def build_router(
         return await posts.create_post(identity, data)
 
     @router.get("/posts/{post_id}")
-    async def get_post(viewer: Viewer, post_id: str) -> dict[str, Any]:
-        read = await posts.get_post(post_id, viewer)
-        return {**read.post.model_dump(mode="json"), "degraded": read.degraded}
+    async def get_post(viewer: Viewer, post_id: str) -> PostAnswer:
+        return PostAnswer.of(await posts.get_post(post_id, viewer))
 
     @router.delete("/posts/{post_id}", status_code=204)
     async def delete_post(identity: Caller, post_id: str) -> Response:

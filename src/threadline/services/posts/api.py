@@ -16,6 +16,7 @@ __all__ = [
     "Audience",
     "AuthorPublic",
     "NotPostAuthor",
+    "PostAnswer",
     "PostCreate",
     "PostCreated",
     "PostDeleted",
@@ -81,6 +82,23 @@ class PostRead(BaseModel):
 
     post: PostPublic
     degraded: list[str]
+
+
+class PostAnswer(PostPublic):
+    """A post read on its own as the API answers it: the post's fields and `degraded` beside them."""
+
+    degraded: list[str]
+
+    @classmethod
+    def of(cls, read: PostRead) -> "PostAnswer":
+        """The answer for a read."""
+        return cls(**dict(read.post), degraded=read.degraded)
+
+    def read(self) -> PostRead:
+        """The read this answers."""
+        fields = dict(self)
+        degraded = fields.pop("degraded")
+        return PostRead(post=PostPublic(**fields), degraded=degraded)
 
 
 class PostsRead(BaseModel):

@@ -10,6 +10,7 @@ from threadline.platform.web import Caller, Viewer
 from threadline.services.posts.api import (
     MAX_BATCH,
     SERVICE,
+    PostAnswer,
     PostCreate,
     PostPage,
     PostPublic,
@@ -42,8 +43,8 @@ def build_router(service: PostsApi) -> APIRouter:
         return await service.get_posts(batch.ids, viewer)
 
     @router.get("/posts/{post_id}")
-    async def get_post(viewer: Viewer, post_id: str) -> PostRead:
-        return await service.get_post(post_id, viewer)
+    async def get_post(viewer: Viewer, post_id: str) -> PostAnswer:
+        return PostAnswer.of(await service.get_post(post_id, viewer))
 
     @router.delete("/posts/{post_id}", status_code=204)
     async def delete_post(identity: Caller, post_id: str) -> Response:
@@ -78,7 +79,7 @@ class PostsClient(ServiceClient):
     async def get_post(self, post_id: str, viewer: Identity | None) -> PostRead:
         """One post as `viewer` sees it."""
         body = await self.call("GET", f"{PREFIX}/posts/{post_id}", token=_token(viewer))
-        return PostRead.model_validate(body)
+        return PostAnswer.model_validate(body).read()
 
     async def get_posts(self, post_ids: list[str], viewer: Identity | None) -> PostsRead:
         """Several posts in one call."""
