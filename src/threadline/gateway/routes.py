@@ -52,6 +52,7 @@ FORWARDED = (
     Forward("POST", "/api/v1/users", USERS, "/users/accounts"),
     Forward("POST", "/api/v1/sessions", USERS, "/users/sessions", idempotent=True),
     Forward("GET", "/api/v1/users/{handle}", USERS, "/users/handles/{handle}"),
+    Forward("GET", "/api/v1/me", USERS, "/users/me"),
     Forward("PATCH", "/api/v1/me", USERS, "/users/me"),
     Forward("PUT", "/api/v1/me/following/{handle}", USERS, "/users/me/following/{handle}"),
     Forward("DELETE", "/api/v1/me/following/{handle}", USERS, "/users/me/following/{handle}"),
@@ -77,8 +78,8 @@ FORWARDED = (
 """The routes whose answer is the owning service's own: forwarded as bytes when it runs elsewhere.
 
 Each is also declared below, for the API documentation and for a service in the gateway's process.
-The others need the gateway: the caller's id from the token (/me) or a handle turned into an
-account id (subscribe, tip; author pages too, which `forwards` adds for handles it knows).
+The others need the gateway to turn a handle into an account id (subscribe, tip; author pages
+too, which `forwards` adds for handles it knows).
 """
 
 

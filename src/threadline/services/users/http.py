@@ -43,6 +43,11 @@ def build_router(service: UsersApi) -> APIRouter:
     async def get_by_handle(handle: str) -> UserPublic:
         return await service.get_by_handle(handle)
 
+    @router.get("/me")
+    async def me(identity: Caller) -> UserPublic:
+        # get_user for the token's account: the edge's GET /me, so that it can be forwarded.
+        return await service.get_user(identity.user_id)
+
     @router.patch("/me")
     async def update_profile(identity: Caller, data: ProfileUpdate) -> UserPublic:
         return await service.update_profile(identity, data)
