@@ -24,7 +24,7 @@ PREFIX = f"/{SERVICE}"
 
 
 def build_router(service: UsersApi) -> APIRouter:
-    """Internal routes, one per UsersApi operation."""
+    """Internal routes, one per UsersApi operation, and the caller's own account for the edge's GET /me."""
     router = APIRouter(prefix=PREFIX)
 
     @router.post("/accounts", status_code=201)
@@ -45,7 +45,6 @@ def build_router(service: UsersApi) -> APIRouter:
 
     @router.get("/me")
     async def me(identity: Caller) -> UserPublic:
-        # get_user for the token's account: the edge's GET /me, so that it can be forwarded.
         return await service.get_user(identity.user_id)
 
     @router.patch("/me")
