@@ -16,6 +16,7 @@ from jwt.algorithms import OKPAlgorithm
 from pydantic import BaseModel, Field, ValidationError
 
 from tests.support.servers import serving
+from threadline.platform.callers import Caller, Viewer
 from threadline.platform.deadlines import remaining_seconds
 from threadline.platform.errors import (
     Conflict,
@@ -27,7 +28,7 @@ from threadline.platform.errors import (
 from threadline.platform.pagination import Paging
 from threadline.platform.settings import DEFAULT_SECRET_KEY, Settings
 from threadline.platform.tokens import TOKEN_AUDIENCE, TOKEN_ISSUER, TokenVerifier
-from threadline.platform.web import Caller, Viewer, create_app
+from threadline.platform.web import create_app
 
 MAX_BODY = 1024
 SECRET_DETAIL = "db password is hunter2"

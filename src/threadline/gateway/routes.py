@@ -6,10 +6,10 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Response
 from pydantic import BaseModel
 
+from threadline.platform.callers import Caller, Viewer
 from threadline.platform.forwarding import Forward, PathValues
 from threadline.platform.lru import LruCache
 from threadline.platform.pagination import Page, Paging
-from threadline.platform.web import Caller, Viewer
 from threadline.services.feed.api import SERVICE as FEED
 from threadline.services.feed.api import FeedApi, FeedPage
 from threadline.services.payments.api import SERVICE as PAYMENTS

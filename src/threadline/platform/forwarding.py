@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from threadline.platform.errors import ServiceError
 from threadline.platform.http_client import ServiceClient
-from threadline.platform.web import UNEXPECTED_ERROR, send_error, send_json
+from threadline.platform.responses import UNEXPECTED_ERROR, send_error, send_json
 
 __all__ = ["Forward", "Forwarding", "PathValues", "Rewrite"]
 

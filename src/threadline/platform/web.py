@@ -4,23 +4,21 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Annotated, Any
 
-import orjson
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.models import HTTPBearer as HTTPBearerModel
 from fastapi.responses import PlainTextResponse, Response
-from fastapi.security.base import SecurityBase
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from threadline.platform.deadlines import DEADLINE_HEADER, deadline_scope
+from threadline.platform.direct import DirectRoutes
 from threadline.platform.errors import FieldError, InvalidRequest, ServiceError, error_body
-from threadline.platform.tokens import Identity, TokenVerifier
+from threadline.platform.responses import UNEXPECTED_ERROR, JsonResponse, send_error
+from threadline.platform.tokens import TokenVerifier
 
-__all__ = ["UNEXPECTED_ERROR", "Caller", "ReadinessCheck", "Viewer", "create_app", "send_error", "send_json"]
+__all__ = ["ReadinessCheck", "create_app"]
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
 
@@ -48,10 +46,13 @@ def create_app(
     token_verifier: TokenVerifier,
     max_body_bytes: int = 64 * 1024,
     middleware: Sequence[Middleware] = (),
+    direct_routes: bool = True,
 ) -> FastAPI:
     """Build an ASGI app serving `routers` plus /healthz, /readyz and /metrics.
 
     `middleware` runs inside the edge layer (body limits, deadlines, metrics), outermost first.
+    With `direct_routes`, the routes `DirectRoutes` can answer skip FastAPI's per-request work
+    (off only to compare the two).
     """
     app = FastAPI(
         title=title,
@@ -79,6 +80,8 @@ def create_app(
     async def metrics_text() -> PlainTextResponse:
         return PlainTextResponse(metrics.render())
 
+    # In the order the app matches them: its own routes, then each router's.
+    routes = [*app.router.routes, *(route for router in routers for route in router.routes)]
     for router in routers:
         app.include_router(router)
 
@@ -86,6 +89,8 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    if direct_routes:
+        app.add_middleware(DirectRoutes, routes=routes, verifier=token_verifier)
     for inner in reversed(middleware):
         app.add_middleware(inner.cls, *inner.args, **inner.kwargs)
     app.add_middleware(_EdgeMiddleware, max_body_bytes=max_body_bytes, metrics=metrics)
@@ -116,21 +121,8 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
     return JsonResponse(error_body(code, detail), status_code=exc.status_code, headers=exc.headers)
 
 
-UNEXPECTED_ERROR = "an unexpected error occurred; it has been logged"
-
-
 async def _unexpected_error(_request: Request, _exc: Exception) -> Response:
     return JsonResponse(error_body("internal_error", UNEXPECTED_ERROR), status_code=500)
-
-
-class JsonResponse(Response):
-    """A JSON response rendered with orjson."""
-
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        """Serialize `content`."""
-        return orjson.dumps(content)
 
 
 # Counted for a request whose caller went away before it was answered (nobody receives it; the
@@ -235,42 +227,3 @@ def _parse_ms(raw: bytes | None) -> float | None:
     if raw is None or not raw.isdigit():
         return None
     return int(raw) / 1000
-
-
-async def send_json(send: Send, status: int, body: Any) -> None:
-    """Answer with `body` as JSON, straight through ASGI `send`."""
-    response = JsonResponse(body, status_code=status)
-    await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
-    await send({"type": "http.response.body", "body": response.body})
-
-
-async def send_error(send: Send, status: int, code: str, message: str) -> None:
-    """Answer with an API.md error body, straight through ASGI `send`."""
-    await send_json(send, status, error_body(code, message))
-
-
-class _BearerToken(SecurityBase):
-    """The caller's identity from `Authorization: Bearer <token>`, declared as the API's security scheme.
-
-    One dependency reading the header itself: as a `Header()` parameter of a dependency taking
-    the request too, FastAPI's parameter solving cost more CPU than verifying a remembered token.
-    """
-
-    def __init__(self, *, required: bool) -> None:
-        self.model = HTTPBearerModel(bearerFormat="JWT")
-        self.scheme_name = "bearer"
-        self.required = required
-
-    async def __call__(self, request: Request) -> Identity | None:
-        authorization = request.headers.get("authorization")
-        if authorization is None and not self.required:
-            return None
-        verifier: TokenVerifier = request.app.state.token_verifier
-        return await verifier.verify_header(authorization)
-
-
-Caller = Annotated[Identity, Depends(_BearerToken(required=True))]
-"""A route parameter holding the verified caller; a missing or bad token is 401."""
-
-Viewer = Annotated[Identity | None, Depends(_BearerToken(required=False))]
-"""A route parameter holding the verified caller, or None for an anonymous one."""

@@ -2,10 +2,10 @@
 
 from fastapi import APIRouter
 
+from threadline.platform.callers import Caller
 from threadline.platform.http_client import ServiceClient
 from threadline.platform.pagination import PageRequest, Paging
 from threadline.platform.tokens import Identity
-from threadline.platform.web import Caller
 from threadline.services.feed.api import SERVICE, FeedApi, FeedPage
 
 __all__ = ["FeedClient", "build_router"]

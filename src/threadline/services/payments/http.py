@@ -9,10 +9,10 @@ from typing import Annotated
 from fastapi import APIRouter, Header
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from threadline.platform.callers import Caller
 from threadline.platform.http_client import ServiceClient
 from threadline.platform.pagination import Page, PageRequest, Paging
 from threadline.platform.tokens import Identity
-from threadline.platform.web import Caller
 from threadline.services.payments.api import (
     SERVICE,
     Balance,

@@ -3,10 +3,10 @@
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
+from threadline.platform.callers import Caller, Viewer
 from threadline.platform.http_client import ServiceClient
 from threadline.platform.pagination import PageRequest, Paging
 from threadline.platform.tokens import Identity
-from threadline.platform.web import Caller, Viewer
 from threadline.services.posts.api import (
     MAX_BATCH,
     SERVICE,

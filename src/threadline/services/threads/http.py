@@ -2,9 +2,9 @@
 
 from fastapi import APIRouter
 
+from threadline.platform.callers import Viewer
 from threadline.platform.http_client import ServiceClient
 from threadline.platform.tokens import Identity
-from threadline.platform.web import Viewer
 from threadline.services.threads.api import SERVICE, ThreadPublic, ThreadsApi
 
 __all__ = ["ThreadsClient", "build_router"]

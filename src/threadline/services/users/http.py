@@ -4,10 +4,10 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
+from threadline.platform.callers import Caller
 from threadline.platform.http_client import ServiceClient
 from threadline.platform.pagination import Page, PageRequest, Paging
 from threadline.platform.tokens import Identity
-from threadline.platform.web import Caller
 from threadline.services.users.api import (
     SERVICE,
     AccessToken,
