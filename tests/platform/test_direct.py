@@ -1,18 +1,20 @@
 """Direct routes on real sockets: answered as FastAPI answers them, and only when their inputs are valid."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import aiohttp
 import pytest
-from fastapi import APIRouter, Depends, FastAPI, Header
+from fastapi import APIRouter, Body, Depends, FastAPI, Header
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tests.support.polling import eventually
 from tests.support.servers import serving
 from tests.support.tokens import Signer
 from threadline.platform.callers import Caller, Viewer
@@ -31,11 +33,18 @@ class Item(BaseModel):
     extra: dict[str, int] = {}
 
 
+class Note(BaseModel):
+    """A body the test routes take."""
+
+    text: str = Field(max_length=10)
+
+
 @dataclass
 class Marks:
     """What the test routes' writes recorded."""
 
     marked: list[tuple[str, str]] = field(default_factory=list)
+    noted: list[str] = field(default_factory=list)
 
 
 def build_router(marks: Marks) -> APIRouter:
@@ -64,6 +73,15 @@ def build_router(marks: Marks) -> APIRouter:
     @router.get("/{item_id}/text")
     async def text(item_id: str) -> PlainTextResponse:
         return PlainTextResponse(f"item {item_id}")
+
+    @router.post("/notes", status_code=201)
+    async def write_note(caller: Caller, note: Note) -> Note:
+        marks.noted.append(note.text)
+        return note
+
+    @router.post("/notes/embedded")
+    async def embedded_note(note: Annotated[Note, Body(embed=True)]) -> Note:
+        return note
 
     @router.put("/{item_id}/mark", status_code=204)
     async def mark(caller: Caller, item_id: str) -> Response:
@@ -102,12 +120,14 @@ class Pair:
     def auth(self, handle: str = "ada") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.signer.token('user-1', handle)}"}
 
-    async def both(self, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[Any, Any]:
+    async def both(
+        self, method: str, path: str, headers: dict[str, str] | None = None, data: bytes | None = None
+    ) -> tuple[Any, Any]:
         """The answer of each app: status, body bytes and the content headers."""
         answers = []
         for url in (self.direct_url, self.plain_url):
             async with self.http.request(
-                method, url + path, headers=headers, allow_redirects=False
+                method, url + path, headers=headers, data=data, allow_redirects=False
             ) as response:
                 body = await response.read()
                 content = (response.headers.get("content-type"), response.headers.get("content-length"))
@@ -175,6 +195,36 @@ async def test_direct_routes_answer_every_request_as_the_app_does(pair: Pair) ->
     assert pair.marks.marked == [("ada", "abc"), ("ada", "abc")]
 
 
+async def test_direct_routes_answer_every_body_as_the_app_does(pair: Pair) -> None:
+    """Good and bad JSON bodies, with and without a token: the same answers with and without direct routes."""
+    json = {**pair.auth(), "Content-Type": "application/json"}
+    cases: list[tuple[str, dict[str, str] | None, bytes | None]] = [
+        ("/items/notes", json, b'{"text": "hi"}'),
+        ("/items/notes", json, b'{"text": "hi", "unknown": 1}'),
+        ("/items/notes", {**pair.auth(), "Content-Type": "text/plain"}, b'{"text": "plain"}'),
+        ("/items/notes", pair.auth(), b'{"text": "untyped"}'),
+        ("/items/notes", json, b'{"text": "far too long a note"}'),
+        ("/items/notes", json, b'{"text": 5}'),
+        ("/items/notes", json, b'{"text": "a", "text": "b"}'),
+        ("/items/notes", json, b'{"text": NaN}'),
+        ("/items/notes", json, b'{"text": "\\ud800"}'),
+        ("/items/notes", json, b'{"text": '),
+        ("/items/notes", json, b"[]"),
+        ("/items/notes", json, b""),
+        ("/items/notes", json, None),
+        ("/items/notes", json, b"x" * (70 * 1024)),
+        ("/items/notes", {"Content-Type": "application/json"}, b'{"text": "hi"}'),
+        ("/items/notes", {"Content-Type": "application/json"}, b'{"text": '),
+        ("/items/notes/embedded", None, b'{"note": {"text": "hi"}}'),
+        ("/items/notes/embedded", None, b'{"text": "hi"}'),
+    ]
+    for path, headers, data in cases:
+        direct, plain = await pair.both("POST", path, headers, data)
+        assert direct == plain, (path, headers, data)
+    # Each accepted body once per app; a body of any declared type is read as JSON (the edge's rule).
+    assert pair.marks.noted == ["hi", "hi", "hi", "hi", "plain", "plain", "untyped", "untyped", "b", "b"]
+
+
 async def test_only_requests_with_valid_inputs_reach_the_app() -> None:
     """Valid requests for direct routes are answered without the app; bad inputs and other routes go to it."""
     signer, marks = Signer(), Marks()
@@ -192,24 +242,41 @@ async def test_only_requests_with_valid_inputs_reach_the_app() -> None:
     auth = {"Authorization": f"Bearer {signer.token('user-1', 'ada')}"}
     async with serving(app) as url, aiohttp.ClientSession() as http:
 
-        async def status(method: str, path: str, headers: dict[str, str] | None = None) -> int:
-            async with http.request(method, url + path, headers=headers, allow_redirects=False) as response:
-                await response.read()
+        async def status(
+            method: str, path: str, headers: dict[str, str] | None = None, note: dict[str, Any] | None = None
+        ) -> int:
+            async with http.request(
+                method, url + path, headers=headers, json=note, allow_redirects=False
+            ) as response:
+                answers.append(await response.read())
                 return response.status
 
+        answers: list[bytes] = []
         assert await status("GET", "/items?limit=3", auth) == 200
         assert await status("GET", "/items/abc", auth) == 200
         assert await status("GET", "/items/abc") == 200
         assert await status("GET", "/items/missing") == 404
         assert await status("PUT", "/items/abc/mark", auth) == 204
+        assert await status("POST", "/items/notes", auth, {"text": "hi"}) == 201
         assert recorder.paths == []
         assert await status("GET", "/items?limit=0", auth) == 422
         assert await status("GET", "/items") == 401
         assert await status("GET", "/items/abc", {"Authorization": "Bearer nope"}) == 401
         assert await status("GET", "/items/fixed", {"X-Tag": "t"}) == 200
         assert await status("GET", "/items/") == 307
-    assert recorder.paths == ["/items?limit=0", "/items", "/items/abc", "/items/fixed", "/items/"]
+        # The body this middleware read reaches the app whole: its answer names the field at fault.
+        assert await status("POST", "/items/notes", auth, {"text": "far too long a note"}) == 422
+        assert b'"field":"text"' in answers[-1]
+    assert recorder.paths == [
+        "/items?limit=0",
+        "/items",
+        "/items/abc",
+        "/items/fixed",
+        "/items/",
+        "/items/notes",
+    ]
     assert marks.marked == [("ada", "abc")]
+    assert marks.noted == ["hi"]
 
 
 async def test_direct_answers_are_counted_under_their_route(pair: Pair) -> None:
@@ -222,17 +289,14 @@ async def test_direct_answers_are_counted_under_their_route(pair: Pair) -> None:
 
 
 def test_routes_are_direct_only_when_every_input_is_a_token_a_page_or_a_path_segment() -> None:
-    """Header or body parameters, sync endpoints, route dependencies, chosen response classes: not direct."""
+    """Headers, embedded bodies, sync endpoints, route dependencies, chosen response classes: not direct."""
     router = build_router(Marks())
 
     async def ping() -> None:
         return None
 
-    class Note(BaseModel):
-        text: str
-
-    @router.post("/notes")
-    async def write_note(caller: Caller, note: Note) -> Note:
+    @router.post("/body-and-header")
+    async def body_and_header(note: Note, x_tag: Annotated[str, Header()]) -> Note:
         return note
 
     @router.get("/sync")
@@ -258,7 +322,9 @@ def test_routes_are_direct_only_when_every_input_is_a_token_a_page_or_a_path_seg
         "/items/{item_id}": True,
         "/items/{item_id}/text": True,
         "/items/{item_id}/mark": True,
-        "/items/notes": False,
+        "/items/notes": True,
+        "/items/notes/embedded": False,
+        "/items/body-and-header": False,
         "/items/sync": False,
         "/items/guarded": False,
         "/items/chosen": False,
@@ -279,3 +345,27 @@ def test_direct_routes_refuse_routes_they_could_not_order() -> None:
         DirectRoutes(FastAPI(), routes=router.routes, verifier=verifier)
     with pytest.raises(ValueError, match="single-segment"):
         DirectRoutes(FastAPI(), routes=[Mount("/static", app=FastAPI())], verifier=verifier)
+
+
+async def test_a_caller_leaving_mid_body_is_counted_as_such(pair: Pair) -> None:
+    """A body cut short by its caller gets no answer and no 500: /metrics counts it as the caller leaving."""
+    host, port = pair.direct_url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    token = pair.auth()["Authorization"]
+    writer.write(
+        b"POST /items/notes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: {token}\r\nContent-Length: 100\r\n\r\n".encode()
+        + b'{"text": '
+    )
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+    async def counted() -> str:
+        async with pair.http.get(pair.direct_url + "/metrics") as response:
+            text = await response.text()
+        assert 'http_requests_total{method="POST",route="/items/notes",status="499"} 1' in text
+        return text
+
+    assert 'status="500"' not in await eventually(counted)
+    assert pair.marks.noted == []
