@@ -8,11 +8,12 @@ of a request's CPU. This middleware takes such a route's inputs itself, calls th
 encodes its answer with the route's own response field, as FastAPI does, so status, headers
 and bytes are the same.
 
-It answers only requests whose inputs are all valid: a missing or bad token, a bad page or
-body, or anything it does not recognise goes to the app untouched (with the body it read),
-and the app answers it as it always has, errors included. Once the endpoint has been called,
-its errors are answered here, in the same shape as the app's error handlers. The routes stay
-FastAPI's: declared once, documented in OpenAPI, matched in the same order.
+Errors come in FastAPI's order and shape. Like FastAPI, it decodes the body first, then checks
+the token, then the other inputs. A body that is not JSON, a bad page or body, or any route it
+does not recognise goes to the app untouched (with the body it read), which answers it as it
+always has; a refused token, and any error of the endpoint, are answered here in the shape of
+the app's error handlers. The routes stay FastAPI's: declared once, documented in OpenAPI,
+matched in the same order.
 """
 
 import inspect
@@ -52,7 +53,7 @@ class _Declined(Exception):
 
 @dataclass(slots=True)
 class _Request:
-    """What an input may be taken from; `body` once read, to hand on if the app must answer."""
+    """What inputs are taken from; `body` (and its `json`) once read, to hand on if the app must answer."""
 
     headers: list[tuple[bytes, bytes]]
     query_string: bytes
@@ -60,6 +61,27 @@ class _Request:
     verifier: TokenVerifier
     receive: Receive
     body: bytes | None = None
+    json: Any = None
+
+    async def read_body(self) -> None:
+        """Read and decode the whole body; decline one that is empty or not JSON (FastAPI's to refuse)."""
+        chunks: list[bytes] = []
+        while True:
+            message = await self.receive()
+            if message["type"] != "http.request":
+                raise _CallerLeft
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        self.body = b"".join(chunks)
+        # JSON only (the edge middleware declares every body so); orjson accepts a subset of
+        # what FastAPI's json.loads does, with the same values, and declines the rest.
+        if not self.body or first_header(self.headers, b"content-type") != "application/json":
+            raise _Declined
+        try:
+            self.json = orjson.loads(self.body)
+        except orjson.JSONDecodeError as exc:
+            raise _Declined from exc
 
     def replaying(self) -> Receive:
         """`receive` as the app must see it: the body read here first, if any was."""
@@ -90,10 +112,7 @@ def _path_value(name: str) -> _Input:
 
 def _identity(token: BearerToken) -> _Input:
     async def identity(request: _Request) -> Any:
-        try:
-            return await token.identify(request.headers, request.verifier)
-        except ServiceError as exc:
-            raise _Declined from exc
+        return await token.identify(request.headers, request.verifier)
 
     return identity
 
@@ -112,23 +131,7 @@ async def _page(request: _Request) -> PageQuery:
 
 def _body(field: ModelField) -> _Input:
     async def body(request: _Request) -> Any:
-        chunks: list[bytes] = []
-        while True:
-            message = await request.receive()
-            if message["type"] != "http.request":
-                raise _CallerLeft
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        request.body = b"".join(chunks)
-        # JSON only (the edge middleware declares every body so); orjson accepts a subset of
-        # what FastAPI's json.loads does, with the same values, and declines the rest.
-        if not request.body or first_header(request.headers, b"content-type") != "application/json":
-            raise _Declined
-        try:
-            value, errors = field.validate(orjson.loads(request.body), {}, loc=("body",))
-        except orjson.JSONDecodeError as exc:
-            raise _Declined from exc
+        value, errors = field.validate(request.json, {}, loc=("body",))
         if errors:
             raise _Declined
         return value
@@ -146,13 +149,14 @@ def _bearer_token(annotation: Any) -> BearerToken | None:
 
 
 def _inputs(route: APIRoute) -> dict[str, _Input] | None:
-    """How to take each of the endpoint's arguments from a request, or None if it cannot be direct."""
+    """How to take each of the endpoint's arguments, tokens first (as FastAPI); None: it cannot be direct."""
+    tokens: dict[str, _Input] = {}
     inputs: dict[str, _Input] = {}
     for name, parameter in inspect.signature(route.endpoint).parameters.items():
         annotation = parameter.annotation
         token = _bearer_token(annotation)
         if token is not None:
-            inputs[name] = _identity(token)
+            tokens[name] = _identity(token)
         elif annotation == Paging:
             inputs[name] = _page
         elif annotation is str and isinstance(route.param_convertors.get(name), StringConvertor):
@@ -162,7 +166,7 @@ def _inputs(route: APIRoute) -> dict[str, _Input] | None:
             inputs[name] = _body(route.body_field)
         else:
             return None
-    return inputs
+    return {**tokens, **inputs}
 
 
 def _is_whole_body(route: APIRoute, name: str, annotation: Any) -> bool:
@@ -199,7 +203,9 @@ def _direct(route: APIRoute) -> "_Direct | None":
     if not (encoded or (route.response_field is None and _answers_itself(route))):
         return None
     inputs = _inputs(route)
-    return None if inputs is None else _Direct(route, inputs, route.status_code or 200)
+    if inputs is None:
+        return None
+    return _Direct(route, inputs, route.status_code or 200, reads_body=route.body_field is not None)
 
 
 @dataclass(frozen=True)
@@ -207,10 +213,17 @@ class _Direct:
     route: APIRoute
     inputs: dict[str, _Input]
     status: int
+    reads_body: bool
 
     async def answer(self, request: _Request, scope: Scope, send: Send) -> None:
         """Answer the request; raises _Declined, having sent nothing, if the app must answer it."""
-        arguments = {name: await take(request) for name, take in self.inputs.items()}
+        if self.reads_body:
+            await request.read_body()
+        try:
+            arguments = {name: await take(request) for name, take in self.inputs.items()}
+        except ServiceError as exc:
+            await send_json(send, exc.status, exc.body())
+            return
         try:
             content = await self.route.endpoint(**arguments)
             if isinstance(content, Response):
