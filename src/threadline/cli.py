@@ -104,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="offered rates in requests/s, comma-separated (default: 12 steps from 25 to 1200)",
     )
+    bench.add_argument(
+        "--refine",
+        type=_non_negative,
+        default=None,
+        help="rates tried halfway between the highest sustainable and the lowest unsustainable one, "
+        "to narrow the gap (default 2)",
+    )
     bench.add_argument("--duration", type=float, default=10.0, help="seconds per rate (default 10)")
     bench.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per topology (default 3)")
     bench.add_argument("--p99-bound", type=float, default=200.0, help="p99 bound in ms (default 200)")
@@ -128,6 +135,16 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("bench/results"), help="where to write results")
     bench.set_defaults(command=_bench)
     return parser
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 0 or more")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -179,6 +196,8 @@ def _bench(args: argparse.Namespace) -> int:
     )
     if args.rates is not None:
         config.rates = args.rates
+    if args.refine is not None:
+        config.refine_steps = args.refine
     run_bench(config)
     return 0
 

@@ -30,6 +30,7 @@ def test_bench_runs_both_topologies_and_writes_json_and_png(tmp_path: Path) -> N
     for topology in result["topologies"]:
         assert [s["offered_rate"] for s in topology["steps"]] == [5, 10]
         assert topology["max_sustainable_rate"] == 10
+        assert topology["lowest_unsustainable_rate"] is None
         for step in topology["steps"]:
             assert step["completed"] == step["sent"] > 0
             assert 0 < step["p50_ms"] <= step["p90_ms"] <= step["p99_ms"]

@@ -6,7 +6,8 @@ records latency percentiles from each request's intended send time, CPU seconds 
 summed over every process (and per process, which in the microservices topology is per
 service), and the peak resident memory of each process. The highest rate whose p99 stays under
 the bound, with under 1% errors and at least 95% of the offered rate completed, is the max
-sustainable throughput. Then, on the same running system, it measures the CPU cost of one
+sustainable throughput; after the first rate that is not, rates halfway between narrow it down
+(`step_up`). Then, on the same running system, it measures the CPU cost of one
 operation of each kind in the mix (`threadline.bench.opcost`), against the targets stated per
 operation. Last, if asked, it grows the data set by bulk loading and measures feed reads at both
 sizes (`threadline.bench.scale`); that changes the data, so nothing of that topology follows it.
@@ -18,17 +19,22 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import uvloop
 
 from threadline.bench.loadgen import LoadResult, cpu_seconds, run_open_loop
-from threadline.bench.opcost import TARGET_CPU_MS_PER_CALL, OperationCost, measure_operation_costs
+from threadline.bench.opcost import (
+    TARGET_CPU_MS_PER_CALL,
+    OperationCost,
+    measure_operation_costs,
+    wait_until_idle,
+)
 from threadline.bench.scale import FEED_CALLS, ScaleReport, measure_at_scale
 from threadline.bench.workload import PAGE as PAGE_SIZE
 from threadline.bench.workload import Dataset, seed, social_mix
@@ -41,8 +47,14 @@ __all__ = ["DEFAULT_RATES", "BenchConfig", "RateStep", "TopologyReport", "run_be
 Progress = Callable[[str], None]
 
 
-# Steps of 100/s up to 800/s, so that the maximum sustainable rate is known to within 100/s.
+# Steps of 100/s up to 800/s; then rates halfway between the highest sustainable and the lowest
+# unsustainable one narrow that gap (by 4x with the default two), since a ratio of two maximum
+# rates known only to a step of 100 or 200/s could be off by a fifth either way.
 DEFAULT_RATES = (25, 50, 100, 200, 300, 400, 500, 600, 700, 800, 1000, 1200)
+REFINE_STEPS = 2
+RATE_RESOLUTION = 10.0
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -52,6 +64,7 @@ class BenchConfig:
     users: int = 1000
     posts: int = 50_000
     rates: list[float] = field(default_factory=lambda: list(DEFAULT_RATES))
+    refine_steps: int = REFINE_STEPS
     duration_s: float = 10.0
     warmup_s: float = 3.0
     p99_bound_ms: float = 200.0
@@ -123,6 +136,13 @@ class TopologyReport:
         good = [s.load.offered_rate for s in self.steps if s.sustainable(self.p99_bound_ms)]
         return max(good, default=0.0)
 
+    @property
+    def lowest_unsustainable_rate(self) -> float | None:
+        """The lowest offered rate above the maximum sustainable one that was not sustainable, if any."""
+        best = self.max_sustainable_rate
+        bad = [s.load.offered_rate for s in self.steps if s.load.offered_rate > best]
+        return min(bad, default=None)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary."""
         return {
@@ -130,6 +150,7 @@ class TopologyReport:
             "processes": self.processes,
             "dataset": self.dataset,
             "max_sustainable_rate": self.max_sustainable_rate,
+            "lowest_unsustainable_rate": self.lowest_unsustainable_rate,
             "steps": [step.to_dict() for step in self.steps],
             "operation_cost": {kind: cost.to_dict() for kind, cost in self.operation_cost.items()},
             "scale": None if self.scale is None else self.scale.to_dict(),
@@ -153,6 +174,7 @@ def run_bench(config: BenchConfig, progress: Progress = print) -> dict[str, Any]
             "users": config.users,
             "posts": config.posts,
             "rates": config.rates,
+            "refine_steps": config.refine_steps,
             "duration_s": config.duration_s,
             "p99_bound_ms": config.p99_bound_ms,
             "thread_reads": config.thread_reads,
@@ -197,19 +219,28 @@ def _bench_topology(name: str, config: BenchConfig, progress: Progress) -> Topol
             progress(f"==> {name}: warming up for {config.warmup_s:.0f} s")
             began = time.monotonic()
             uvloop.run(run_open_loop(url, source, rate=config.rates[0], duration_s=config.warmup_s))
-            steps: list[RateStep] = []
-            for rate in config.rates:
-                step = _measure(runner, url, source, rate, config)
-                steps.append(step)
+            processes = _processes(runner)
+
+            def measure(rate: float) -> RateStep:
+                # Whatever an earlier rate left queued (fan-outs, events) must not burden this one.
+                uvloop.run(wait_until_idle(processes))
+                step = _measure(processes, url, source, rate, config)
                 load = step.load
+                verdict = "" if step.sustainable(config.p99_bound_ms) else "  not sustainable"
                 progress(
                     f"    {name} {rate:>7.0f}/s: p50 {load.percentile(50):7.1f} ms  "
                     f"p99 {load.percentile(99):7.1f} ms  done {load.achieved_rate:7.1f}/s  "
-                    f"errors {load.errors + load.client_errors}  cpu {step.cpu_ms_per_request:.2f} ms/req"
+                    f"errors {load.errors + load.client_errors}  "
+                    f"cpu {step.cpu_ms_per_request:.2f} ms/req{verdict}"
                 )
-                if not step.sustainable(config.p99_bound_ms):
-                    progress(f"    {name}: not sustainable at {rate:.0f}/s; stopping here")
-                    break
+                return step
+
+            steps = step_up(
+                config.rates,
+                measure,
+                lambda step: step.sustainable(config.p99_bound_ms),
+                refine=config.refine_steps,
+            )
             phase_s["rates"] = time.monotonic() - began
             operation_cost: dict[str, OperationCost] = {}
             if config.op_calls > 0:
@@ -218,7 +249,7 @@ def _bench_topology(name: str, config: BenchConfig, progress: Progress) -> Topol
                 operation_cost = uvloop.run(
                     measure_operation_costs(
                         url,
-                        _processes(runner),
+                        processes,
                         social_mix(dataset, thread_reads=True),
                         calls=config.op_calls,
                         seed=config.seed,
@@ -261,8 +292,41 @@ def _bench_topology(name: str, config: BenchConfig, progress: Progress) -> Topol
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def _measure(runner: Runner, url: str, source: Any, rate: float, config: BenchConfig) -> RateStep:
-    processes = _processes(runner)
+def step_up(
+    rates: Sequence[float], measure: Callable[[float], T], sustainable: Callable[[T], bool], *, refine: int
+) -> list[T]:
+    """Measure rising `rates` until one is not sustainable, then up to `refine` rates halfway between.
+
+    Each halfway rate lies between the highest sustainable rate measured and the lowest
+    unsustainable one above it, to the nearest `RATE_RESOLUTION`; it stops early once they are
+    that close. The steps come back in the order of their rates.
+    """
+    measured: list[tuple[float, T]] = []
+    for rate in rates:
+        step = measure(rate)
+        measured.append((rate, step))
+        if not sustainable(step):
+            break
+    else:
+        return [step for _, step in measured]
+    high = measured[-1][0]
+    low = max((rate for rate, step in measured if sustainable(step)), default=0.0)
+    for _ in range(refine):
+        rate = round((low + high) / 2 / RATE_RESOLUTION) * RATE_RESOLUTION
+        if not low < rate < high:
+            break
+        step = measure(rate)
+        measured.append((rate, step))
+        if sustainable(step):
+            low = rate
+        else:
+            high = rate
+    return [step for _, step in sorted(measured, key=lambda pair: pair[0])]
+
+
+def _measure(
+    processes: dict[str, psutil.Process], url: str, source: Any, rate: float, config: BenchConfig
+) -> RateStep:
     before = cpu_seconds(processes)
     load = uvloop.run(run_open_loop(url, source, rate=rate, duration_s=config.duration_s))
     after = cpu_seconds(processes)
@@ -307,9 +371,12 @@ def render_table(result: dict[str, Any]) -> str:
     """The results as a terminal table."""
     lines = []
     for topo in result["topologies"]:
+        unsustainable = topo.get("lowest_unsustainable_rate")
+        above = "" if unsustainable is None else f", {unsustainable:.0f} was not"
         lines.append(
             f"{topo['topology']}: max sustainable {topo['max_sustainable_rate']:.0f} req/s "
-            f"(p99 <= {result['config']['p99_bound_ms']:.0f} ms)  processes: {', '.join(topo['processes'])}"
+            f"(p99 <= {result['config']['p99_bound_ms']:.0f} ms{above})  "
+            f"processes: {', '.join(topo['processes'])}"
         )
         lines.append(
             f"  {'offered/s':>9} {'done/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "

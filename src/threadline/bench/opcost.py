@@ -40,6 +40,7 @@ __all__ = [
     "SequentialClient",
     "measure_operation_costs",
     "requests_by_kind",
+    "wait_until_idle",
 ]
 
 # The targets as stated: CPU per feed read (20 posts) and per compose, in the monolith.
@@ -164,14 +165,14 @@ async def _measure_kind(
     warm = _Tally()
     for request in warmup:
         warm.add(await client.send(request))
-    before = await _wait_until_idle(processes)
+    before = await wait_until_idle(processes)
     tally = _Tally()
     report_every = max(1, len(measured) // 4)
     for done, request in enumerate(measured, start=1):
         tally.add(await client.send(request))
         if done % report_every == 0 and done < len(measured):
             progress(f"      {label}: {done}/{len(measured)} calls")
-    after = await _wait_until_idle(processes)
+    after = await wait_until_idle(processes)
     quiet_s = before.quiet_s + after.quiet_s
     return OperationCost(
         kind=measured[0].kind,
@@ -283,7 +284,7 @@ class _Idle:
     quiet_cpu_s: float = 0.0
 
 
-async def _wait_until_idle(processes: Mapping[str, psutil.Process]) -> _Idle:
+async def wait_until_idle(processes: Mapping[str, psutil.Process]) -> _Idle:
     """Poll until no process's CPU time has grown by more than a clock tick for `QUIET_S`.
 
     Gives up after `SETTLE_DEADLINE_S`. `waited_s` leaves out the quiet stretch itself, `cpu_s`
