@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--refine",
-        type=_non_negative,
+        type=_count,
         default=None,
         help="rates tried halfway between the highest sustainable and the lowest unsustainable one, "
         "to narrow the gap (default 2)",
@@ -135,16 +135,6 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("bench/results"), help="where to write results")
     bench.set_defaults(command=_bench)
     return parser
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 0 or more")
-    return value
 
 
 def _positive(text: str) -> int:

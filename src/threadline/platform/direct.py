@@ -17,7 +17,6 @@ matched in the same order.
 """
 
 import inspect
-import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -39,12 +38,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from threadline.platform.callers import BearerToken, first_header
 from threadline.platform.errors import ServiceError
 from threadline.platform.pagination import PageQuery, Paging
-from threadline.platform.responses import UNEXPECTED_ERROR, send_error, send_json
+from threadline.platform.responses import send_failure
 from threadline.platform.tokens import TokenVerifier
 
 __all__ = ["DirectRoutes", "is_direct"]
-
-log = logging.getLogger(__name__)
 
 
 class _Declined(Exception):
@@ -222,7 +219,7 @@ class _Direct:
         try:
             arguments = {name: await take(request) for name, take in self.inputs.items()}
         except ServiceError as exc:
-            await send_json(send, exc.status, exc.body())
+            await send_failure(send, exc, "checking the token")
             return
         try:
             content = await self.route.endpoint(**arguments)
@@ -230,12 +227,8 @@ class _Direct:
                 await content(scope, request.receive, send)
                 return
             body = self._encode(content)
-        except ServiceError as exc:
-            await send_json(send, exc.status, exc.body())
-            return
-        except Exception:
-            log.exception("answering %s %s failed", scope["method"], scope["path"])
-            await send_error(send, 500, "internal_error", UNEXPECTED_ERROR)
+        except Exception as exc:
+            await send_failure(send, exc, f"answering {scope['method']} {scope['path']}")
             return
         headers = [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json")]
         await send({"type": "http.response.start", "status": self.status, "headers": headers})

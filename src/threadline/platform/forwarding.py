@@ -12,19 +12,15 @@ A route whose target needs what its path does not hold (an author page names a h
 wants an account id) gets it from its `rewrite`, which may decline: the app then answers.
 """
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from threadline.platform.errors import ServiceError
 from threadline.platform.http_client import ServiceClient
-from threadline.platform.responses import UNEXPECTED_ERROR, send_error, send_json
+from threadline.platform.responses import send_failure
 
 __all__ = ["Forward", "Forwarding", "PathValues", "Rewrite"]
-
-log = logging.getLogger(__name__)
 
 # Headers a service needs from the caller; the client adds the deadline and content type.
 _FORWARDED_HEADERS = frozenset({b"authorization", b"idempotency-key"})
@@ -130,12 +126,8 @@ class Forwarding:
                 headers=headers,
                 idempotent=route.forward.idempotent,
             )
-        except ServiceError as exc:
-            await send_json(send, exc.status, exc.body())
-            return
-        except Exception:
-            log.exception("forwarding %s %s failed", scope["method"], scope["path"])
-            await send_error(send, 500, "internal_error", UNEXPECTED_ERROR)
+        except Exception as exc:
+            await send_failure(send, exc, f"forwarding {scope['method']} {scope['path']}")
             return
         content: list[tuple[bytes, bytes]] = []  # 204: no content, so no content headers
         if answer.status != 204:

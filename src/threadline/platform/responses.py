@@ -1,14 +1,17 @@
 """Answers sent straight through ASGI, in the API.md shape, for code that runs outside FastAPI's routes."""
 
+import logging
 from typing import Any
 
 import orjson
 from fastapi.responses import Response
 from starlette.types import Send
 
-from threadline.platform.errors import error_body
+from threadline.platform.errors import ServiceError, error_body
 
-__all__ = ["UNEXPECTED_ERROR", "JsonResponse", "send_error", "send_json"]
+__all__ = ["UNEXPECTED_ERROR", "JsonResponse", "send_error", "send_failure", "send_json"]
+
+log = logging.getLogger(__name__)
 
 UNEXPECTED_ERROR = "an unexpected error occurred; it has been logged"
 
@@ -33,3 +36,12 @@ async def send_json(send: Send, status: int, body: Any) -> None:
 async def send_error(send: Send, status: int, code: str, message: str) -> None:
     """Answer with an API.md error body, straight through ASGI `send`."""
     await send_json(send, status, error_body(code, message))
+
+
+async def send_failure(send: Send, exc: Exception, doing: str) -> None:
+    """Answer what `doing` raised: a ServiceError in its own shape, anything else logged and a 500."""
+    if isinstance(exc, ServiceError):
+        await send_json(send, exc.status, exc.body())
+        return
+    log.error("%s failed", doing, exc_info=exc)
+    await send_error(send, 500, "internal_error", UNEXPECTED_ERROR)
