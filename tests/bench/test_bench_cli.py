@@ -37,6 +37,7 @@ def test_bench_runs_both_topologies_and_writes_json_and_png(tmp_path: Path) -> N
             assert step["cpu_ms_per_request"] > 0
             assert set(step["peak_rss_mb_by_process"]) >= set(topology["processes"])
             assert all(mb > 10 for mb in step["peak_rss_mb_by_process"].values())
+            assert 0.0 <= step["stolen_share"] <= 1.0
     monolith, micro = result["topologies"]
     assert monolith["processes"] == ["gateway+users+posts+threads+feed+payments"]
     assert set(micro["processes"]) == {"gateway", "users", "posts", "threads", "feed", "payments"}
@@ -50,6 +51,7 @@ def test_bench_runs_both_topologies_and_writes_json_and_png(tmp_path: Path) -> N
             assert cost["cpu_ms_per_call"] > 0
             assert set(cost["cpu_ms_by_process"]) == set(topology["processes"]) | extra
             assert cost["wall_ms_per_call"] > 0
+            assert 0.0 <= cost["stolen_share"] <= 1.0
     assert result["operation_cost_targets_ms"]["monolith"] == {"feed": 0.5, "compose": 1.0}
     assert result["machine"]["cpus"] >= 1
     png = (tmp_path / "latency.png").read_bytes()

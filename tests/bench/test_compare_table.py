@@ -60,3 +60,13 @@ def test_a_zero_floor_gives_no_multiples() -> None:
     floor_line = render_table(result(0.0)).splitlines()[-1]
     assert "0.000 ms of CPU per sequential call" in floor_line
     assert "x" not in floor_line.split("call")[-1]
+
+
+def test_each_operation_shows_the_share_of_time_the_host_lent_away() -> None:
+    """The stolen column gives the share as a percentage, or a dash where the system does not say."""
+    run = result(0.3)
+    run["topologies"][0]["operation_cost"]["feed"]["stolen_share"] = 0.123
+    lines = render_table(run).splitlines()
+    assert "stolen" in next(line for line in lines if line.strip().startswith("kind"))
+    assert next(line for line in lines if line.strip().startswith("feed")).split()[4] == "12.3%"
+    assert next(line for line in lines if line.strip().startswith("compose")).split()[4] == "-"

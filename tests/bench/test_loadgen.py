@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from threadline.bench.loadgen import LoadResult, Request, RequestSource, run_open_loop
+from threadline.bench.loadgen import LoadResult, MachineTimes, Request, RequestSource, run_open_loop
 
 
 def _free_port() -> int:
@@ -246,3 +246,25 @@ def test_to_dict_is_a_json_summary_without_raw_lists() -> None:
     empty = _result([]).to_dict()
     json.dumps(empty, allow_nan=False)
     assert empty["p99_ms"] is None
+
+
+def test_stolen_share_is_the_hosts_share_of_the_time_between_two_readings() -> None:
+    """Steal time over all CPU time between readings; unknown without steal figures or elapsed time."""
+    earlier = MachineTimes(total_s=100.0, stolen_s=2.0)
+    assert MachineTimes(total_s=120.0, stolen_s=7.0).stolen_share_since(earlier) == 0.25
+    assert MachineTimes(total_s=120.0, stolen_s=2.0).stolen_share_since(earlier) == 0.0
+    assert MachineTimes(total_s=120.0, stolen_s=None).stolen_share_since(earlier) is None
+    assert MachineTimes(total_s=100.0, stolen_s=3.0).stolen_share_since(earlier) is None
+
+
+def test_machine_readings_grow_with_work_and_give_a_share() -> None:
+    """Real readings of this (Linux) machine: time passes, and the share lies between 0 and 1."""
+    earlier = MachineTimes.now()
+    deadline = time.monotonic() + 0.2
+    while time.monotonic() < deadline:
+        pass
+    later = MachineTimes.now()
+    assert later.total_s > earlier.total_s
+    share = later.stolen_share_since(earlier)
+    assert share is not None
+    assert 0.0 <= share <= 1.0

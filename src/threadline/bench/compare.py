@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import psutil
 import uvloop
 
-from threadline.bench.loadgen import LoadResult, cpu_seconds, run_open_loop
+from threadline.bench.loadgen import LoadResult, MachineTimes, cpu_seconds, run_open_loop
 from threadline.bench.opcost import (
     TARGET_CPU_MS_PER_CALL,
     OperationCost,
@@ -86,6 +86,7 @@ class RateStep:
     load: LoadResult
     cpu_s_by_process: dict[str, float]
     peak_rss_mb_by_process: dict[str, float]
+    stolen_share: float | None = None
 
     @property
     def cpu_ms_per_request(self) -> float:
@@ -114,6 +115,7 @@ class RateStep:
                 name: round(1000 * cpu / completed, 4) for name, cpu in self.cpu_s_by_process.items()
             },
             "peak_rss_mb_by_process": {k: round(v, 1) for k, v in self.peak_rss_mb_by_process.items()},
+            "stolen_share": None if self.stolen_share is None else round(self.stolen_share, 4),
         }
 
 
@@ -327,13 +329,14 @@ def step_up(
 def _measure(
     processes: dict[str, psutil.Process], url: str, source: Any, rate: float, config: BenchConfig
 ) -> RateStep:
-    before = cpu_seconds(processes)
+    machine, before = MachineTimes.now(), cpu_seconds(processes)
     load = uvloop.run(run_open_loop(url, source, rate=rate, duration_s=config.duration_s))
     after = cpu_seconds(processes)
     return RateStep(
         load=load,
         cpu_s_by_process={name: after[name] - before[name] for name in processes},
         peak_rss_mb_by_process={name: _peak_rss_mb(proc) for name, proc in processes.items()},
+        stolen_share=MachineTimes.now().stolen_share_since(machine),
     )
 
 
@@ -380,14 +383,14 @@ def render_table(result: dict[str, Any]) -> str:
         )
         lines.append(
             f"  {'offered/s':>9} {'done/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
-            f"{'errors':>6} {'cpu ms/req':>10}  peak RSS MiB"
+            f"{'errors':>6} {'cpu ms/req':>10} {'stolen':>6}  peak RSS MiB"
         )
         for step in topo["steps"]:
             rss = ", ".join(f"{k} {v:.0f}" for k, v in step["peak_rss_mb_by_process"].items())
             lines.append(
                 f"  {step['offered_rate']:>9.0f} {step['achieved_rate']:>8.1f} {step['p50_ms']:>8.1f} "
                 f"{step['p90_ms']:>8.1f} {step['p99_ms']:>8.1f} {step['errors'] + step['client_errors']:>6} "
-                f"{step['cpu_ms_per_request']:>10.2f}  {rss}"
+                f"{step['cpu_ms_per_request']:>10.2f} {_percent(step.get('stolen_share')):>6}  {rss}"
             )
         if topo["steps"]:
             split = topo["steps"][-1]["cpu_ms_per_request_by_process"]
@@ -435,14 +438,16 @@ def _operation_cost_lines(costs: dict[str, Any], targets: dict[str, float]) -> l
         "(asynchronous work included)",
     ]
     split_by_process = any(len(cost["cpu_ms_by_process"]) > 1 for cost in costs.values())
-    header = f"  {'kind':<13} {'cpu ms/call':>11} {'wall ms/call':>12} {'errors':>6}  {'target':<22} "
+    header = f"  {'kind':<13} {'cpu ms/call':>11} {'wall ms/call':>12} {'errors':>6} {'stolen':>6}  "
+    header += f"{'target':<22} "
     lines.append((header + ("cpu ms/call by process" if split_by_process else "")).rstrip())
     for kind, cost in costs.items():
         split = cost["cpu_ms_by_process"]
         by_process = ", ".join(f"{k} {v:.3f}" for k, v in split.items()) if len(split) > 1 else ""
         row = (
             f"  {kind:<13} {cost['cpu_ms_per_call']:>11.3f} {cost['wall_ms_per_call']:>12.2f} "
-            f"{cost['errors']:>6}  {_verdict(kind, cost, targets):<22} {by_process}"
+            f"{cost['errors']:>6} {_percent(cost.get('stolen_share')):>6}  "
+            f"{_verdict(kind, cost, targets):<22} {by_process}"
         )
         lines.append(row.rstrip())
     idle = [cost["idle_cpu_ms_per_s"] for cost in costs.values() if cost["idle_cpu_ms_per_s"] is not None]
@@ -501,6 +506,10 @@ def _scale_lines(scale: dict[str, Any] | None) -> list[str]:
             f"{_or_dash(items_scaled, '.1f')} at scale, so the p50s are of unequal pages"
         )
     return lines
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
 
 
 def _or_dash(value: float | None, spec: str = ".2f") -> str:

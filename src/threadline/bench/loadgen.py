@@ -21,6 +21,7 @@ from yarl import URL
 
 __all__ = [
     "LoadResult",
+    "MachineTimes",
     "Request",
     "RequestSource",
     "cpu_seconds",
@@ -51,6 +52,32 @@ def cpu_seconds(processes: Mapping[str, psutil.Process]) -> dict[str, float]:
         times = process.cpu_times()
         readings[name] = float(times.user + times.system)
     return readings
+
+
+@dataclass(frozen=True)
+class MachineTimes:
+    """The whole machine's CPU time so far, all CPUs, and how much of it the hypervisor lent away."""
+
+    total_s: float
+    stolen_s: float | None  # None where the system does not say (not Linux)
+
+    @classmethod
+    def now(cls) -> "MachineTimes":
+        """A reading."""
+        times = psutil.cpu_times()
+        guest = getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)  # already in user/nice
+        return cls(total_s=sum(times) - guest, stolen_s=getattr(times, "steal", None))
+
+    def stolen_share_since(self, earlier: "MachineTimes") -> float | None:
+        """Of the CPU time since `earlier`, the share other machines on the same host got (steal time).
+
+        A share above a few percent means the host was busy: this machine's code ran slower and
+        costlier then, and the figures measured meanwhile are not comparable with others.
+        """
+        elapsed = self.total_s - earlier.total_s
+        if self.stolen_s is None or earlier.stolen_s is None or elapsed <= 0:
+            return None
+        return max(0.0, self.stolen_s - earlier.stolen_s) / elapsed
 
 
 def nearest_rank(ordered: list[float], p: float) -> float:

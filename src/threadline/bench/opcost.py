@@ -29,7 +29,7 @@ import orjson
 import psutil
 from yarl import URL
 
-from threadline.bench.loadgen import Request, RequestSource, cpu_seconds
+from threadline.bench.loadgen import MachineTimes, Request, RequestSource, cpu_seconds
 
 __all__ = [
     "QUIET_S",
@@ -68,6 +68,8 @@ class OperationCost:
     warmup_errors: int = 0
     error_reasons: dict[str, int] = field(default_factory=dict)
     items_per_call: float | None = None
+    stolen_share: float | None = None
+    """Of the machine's CPU time meanwhile, the share the host gave to other machines."""
 
     @property
     def cpu_ms_per_call(self) -> float:
@@ -97,6 +99,7 @@ class OperationCost:
             "settled": self.settled,
             "settle_s": round(self.settle_s, 3),
             "idle_cpu_ms_per_s": None if idle is None else round(1000 * idle, 3),
+            "stolen_share": None if self.stolen_share is None else round(self.stolen_share, 4),
         }
 
 
@@ -166,6 +169,7 @@ async def _measure_kind(
     for request in warmup:
         warm.add(await client.send(request))
     before = await wait_until_idle(processes)
+    machine = MachineTimes.now()
     tally = _Tally()
     report_every = max(1, len(measured) // 4)
     for done, request in enumerate(measured, start=1):
@@ -173,6 +177,7 @@ async def _measure_kind(
         if done % report_every == 0 and done < len(measured):
             progress(f"      {label}: {done}/{len(measured)} calls")
     after = await wait_until_idle(processes)
+    stolen_share = MachineTimes.now().stolen_share_since(machine)
     quiet_s = before.quiet_s + after.quiet_s
     return OperationCost(
         kind=measured[0].kind,
@@ -187,6 +192,7 @@ async def _measure_kind(
         warmup_errors=warm.errors,
         error_reasons=tally.error_reasons,
         items_per_call=tally.items / len(measured) if tally.answers_with_items == len(measured) else None,
+        stolen_share=stolen_share,
     )
 
 
