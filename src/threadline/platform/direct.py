@@ -38,10 +38,10 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from threadline.platform.asgi import read_body, send_failure
 from threadline.platform.callers import BearerToken, first_header
 from threadline.platform.errors import ServiceError
 from threadline.platform.pagination import PageQuery, Paging
-from threadline.platform.responses import send_failure
 from threadline.platform.tokens import TokenVerifier
 
 __all__ = ["DirectRoutes", "is_direct"]
@@ -65,15 +65,9 @@ class _Request:
 
     async def read_body(self) -> None:
         """Read and decode the whole body; decline one that is empty or not JSON (FastAPI's to refuse)."""
-        chunks: list[bytes] = []
-        while True:
-            message = await self.receive()
-            if message["type"] != "http.request":
-                raise _CallerLeft
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        self.body = b"".join(chunks)
+        self.body = await read_body(self.receive)
+        if self.body is None:
+            raise _CallerLeft
         # JSON only (the edge middleware declares every body so); orjson accepts a subset of
         # what FastAPI's json.loads does, with the same values, and declines the rest.
         if not self.body or first_header(self.headers, b"content-type") != "application/json":

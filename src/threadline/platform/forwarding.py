@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from threadline.platform.asgi import read_body, send_failure
 from threadline.platform.http_client import ServiceClient
-from threadline.platform.responses import send_failure
 
 __all__ = ["Forward", "Forwarding", "PathValues", "Rewrite"]
 
@@ -109,7 +109,7 @@ class Forwarding:
         await self.app(scope, receive, send)
 
     async def _forward(self, route: _Route, target: str, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await _read_body(receive)
+        body = await read_body(receive)
         if body is None:
             return  # the caller went away before sending the whole request: nothing to do for it
         headers: dict[str, str] = {}
@@ -134,18 +134,6 @@ class Forwarding:
             content = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer.body))]
         await send({"type": "http.response.start", "status": answer.status, "headers": content})
         await send({"type": "http.response.body", "body": answer.body})
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or None if the caller disconnected before sending all of it."""
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def _is_name(segment: str) -> bool:

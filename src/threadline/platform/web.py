@@ -12,10 +12,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from threadline.platform.asgi import UNEXPECTED_ERROR, JsonResponse, send_error
 from threadline.platform.deadlines import DEADLINE_HEADER, deadline_scope
 from threadline.platform.direct import DirectRoutes
 from threadline.platform.errors import FieldError, InvalidRequest, ServiceError, error_body
-from threadline.platform.responses import UNEXPECTED_ERROR, JsonResponse, send_error
 from threadline.platform.tokens import TokenVerifier
 
 __all__ = ["ReadinessCheck", "create_app"]

@@ -1,15 +1,15 @@
-"""Answers sent straight through ASGI, in the API.md shape, for code that runs outside FastAPI's routes."""
+"""Straight through ASGI, for code outside FastAPI's routes: whole request bodies, API.md answers."""
 
 import logging
 from typing import Any
 
 import orjson
 from fastapi.responses import Response
-from starlette.types import Send
+from starlette.types import Receive, Send
 
 from threadline.platform.errors import ServiceError, error_body
 
-__all__ = ["UNEXPECTED_ERROR", "JsonResponse", "send_error", "send_failure", "send_json"]
+__all__ = ["UNEXPECTED_ERROR", "JsonResponse", "read_body", "send_error", "send_failure", "send_json"]
 
 log = logging.getLogger(__name__)
 
@@ -45,3 +45,15 @@ async def send_failure(send: Send, exc: Exception, doing: str) -> None:
         return
     log.error("%s failed", doing, exc_info=exc)
     await send_error(send, 500, "internal_error", UNEXPECTED_ERROR)
+
+
+async def read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None if the caller disconnected before sending all of it."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
