@@ -27,6 +27,13 @@ def test_bench_runs_both_topologies_and_writes_json_and_png(tmp_path: Path) -> N
     assert code == 0
     result = json.loads((tmp_path / "latest.json").read_text())
     assert [t["topology"] for t in result["topologies"]] == ["monolith", "microservices"]
+    # The topologies take turns rate by rate, who goes first alternating.
+    assert [(turn["topology"], turn["rate"]) for turn in result["rates_in_order"]] == [
+        ("monolith", 5),
+        ("microservices", 5),
+        ("microservices", 10),
+        ("monolith", 10),
+    ]
     for topology in result["topologies"]:
         assert [s["offered_rate"] for s in topology["steps"]] == [5, 10]
         assert topology["max_sustainable_rate"] == 10

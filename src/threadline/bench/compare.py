@@ -1,18 +1,20 @@
 """`threadline bench`: the same workload against each topology on this machine, side by side.
 
-For each topology: start it with the runner on a fresh data directory, seed the same data set
-through the public API, then offer the social mix at rising fixed rates (open loop). Per rate it
+Every topology is started with the runner on a fresh data directory and seeded with the same
+data set through the public API; all of them keep running until the end. Then the social mix is
+offered at rising fixed rates (open loop), the topologies taking turns rate by rate. Per rate it
 records latency percentiles from each request's intended send time, CPU seconds per request
 summed over every process (and per process, which in the microservices topology is per
 service), and the peak resident memory of each process. The highest rate whose p99 stays under
 the bound, with under 1% errors and at least 95% of the offered rate completed, is the max
 sustainable throughput; after the first rate that is not, rates halfway between narrow it down
-(`step_up`). Then, on the same running system, it measures the CPU cost of one
-operation of each kind in the mix (`threadline.bench.opcost`), against the targets stated per
-operation. Last, if asked, it grows the data set by bulk loading and measures feed reads at both
-sizes (`threadline.bench.scale`); that changes the data, so nothing of that topology follows it.
+(`RateLadder`). Then, topology by topology, it measures the CPU cost of one operation of each
+kind in the mix (`threadline.bench.opcost`), against the targets stated per operation. Last, if
+asked, it grows each data set by bulk loading and measures feed reads at both sizes
+(`threadline.bench.scale`); that changes the data, so nothing follows it.
 """
 
+import contextlib
 import io
 import json
 import platform
@@ -23,12 +25,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import uvloop
 
-from threadline.bench.loadgen import LoadResult, MachineTimes, cpu_seconds, run_open_loop
+from threadline.bench.loadgen import LoadResult, MachineTimes, RequestSource, cpu_seconds, run_open_loop
 from threadline.bench.opcost import (
     TARGET_CPU_MS_PER_CALL,
     OperationCost,
@@ -42,7 +44,7 @@ from threadline.platform.settings import Settings
 from threadline.runner import Runner, running
 from threadline.topology import SERVICES, parse_topology
 
-__all__ = ["DEFAULT_RATES", "BenchConfig", "RateStep", "TopologyReport", "run_bench"]
+__all__ = ["DEFAULT_RATES", "BenchConfig", "RateLadder", "RateStep", "TopologyReport", "run_bench"]
 
 Progress = Callable[[str], None]
 
@@ -53,8 +55,6 @@ Progress = Callable[[str], None]
 DEFAULT_RATES = (25, 50, 100, 200, 300, 400, 500, 600, 700, 800, 1000, 1200)
 REFINE_STEPS = 2
 RATE_RESOLUTION = 10.0
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -162,7 +162,15 @@ class TopologyReport:
 
 def run_bench(config: BenchConfig, progress: Progress = print) -> dict[str, Any]:
     """Run the comparison (and the microbenchmarks) and write JSON and PNG into `config.out_dir`."""
-    reports = [_bench_topology(name, config, progress) for name in config.topologies]
+    with contextlib.ExitStack() as stack:
+        contenders = [_start(name, config, progress, stack) for name in config.topologies]
+        order = _offer_rates_in_turn(contenders, config, progress)
+        for contender in contenders:
+            _measure_operation_costs(contender, config, progress)
+        for contender in contenders:
+            # Last: it grows the data set for good.
+            _measure_at_scale(contender, config, progress)
+        reports = [contender.report(config) for contender in contenders]
     micro: dict[str, Any] | None = None
     if config.micro_calls > 0:
         from threadline.bench.micro import micro_report, run_micro
@@ -187,6 +195,7 @@ def run_bench(config: BenchConfig, progress: Progress = print) -> dict[str, Any]
         },
         "operation_cost_targets_ms": TARGET_CPU_MS_PER_CALL,
         "topologies": [report.to_dict() for report in reports],
+        "rates_in_order": [{"topology": name, "rate": rate} for name, rate in order],
         "micro": micro,
     }
     config.out_dir.mkdir(parents=True, exist_ok=True)
@@ -200,137 +209,198 @@ def run_bench(config: BenchConfig, progress: Progress = print) -> dict[str, Any]
     return result
 
 
-def _bench_topology(name: str, config: BenchConfig, progress: Progress) -> TopologyReport:
+class RateLadder:
+    """Which rate to offer a topology next: rising `rates` until one is not sustained, then halfway rates.
+
+    Each halfway rate lies between the highest rate sustained and the lowest one not sustained,
+    to the nearest `RATE_RESOLUTION`; there are up to `refine` of them, fewer once those two
+    rates are that close.
+    """
+
+    def __init__(self, rates: Sequence[float], *, refine: int) -> None:
+        self._rising = list(rates)
+        self._halfway_left = refine
+        self._sustained: list[float] = []
+        self._not_sustained: list[float] = []
+
+    def next_rate(self) -> float | None:
+        """The rate to measure next, or None once the ladder is climbed."""
+        if not self._not_sustained:
+            climbed = len(self._sustained)
+            return self._rising[climbed] if climbed < len(self._rising) else None
+        if self._halfway_left <= 0:
+            return None
+        low, high = max(self._sustained, default=0.0), min(self._not_sustained)
+        rate = round((low + high) / 2 / RATE_RESOLUTION) * RATE_RESOLUTION
+        return rate if low < rate < high else None
+
+    def record(self, rate: float, *, sustained: bool) -> None:
+        """Take the verdict on `rate`, the rate `next_rate` gave."""
+        if self._not_sustained:
+            self._halfway_left -= 1
+        (self._sustained if sustained else self._not_sustained).append(rate)
+
+
+@dataclass
+class _Contender:
+    """One topology, running from its seeding to the end of the comparison."""
+
+    name: str
+    runner: Runner
+    settings: Settings
+    dataset: Dataset
+    mix: RequestSource
+    processes: dict[str, psutil.Process]
+    ladder: RateLadder
+    steps: list[RateStep] = field(default_factory=list)
+    operation_cost: dict[str, OperationCost] = field(default_factory=dict)
+    scale: ScaleReport | None = None
+    phase_s: dict[str, float] = field(default_factory=dict)
+
+    def spent(self, phase: str, since: float) -> None:
+        """Add the time from `since` until now to `phase`."""
+        self.phase_s[phase] = self.phase_s.get(phase, 0.0) + time.monotonic() - since
+
+    def report(self, config: BenchConfig) -> TopologyReport:
+        """What was measured of this topology."""
+        return TopologyReport(
+            topology=self.name,
+            processes=[p.spec.name for p in self.runner.processes],
+            dataset=_dataset_summary(self.dataset),
+            steps=sorted(self.steps, key=lambda step: step.load.offered_rate),
+            p99_bound_ms=config.p99_bound_ms,
+            operation_cost=self.operation_cost,
+            scale=self.scale,
+            phase_s=self.phase_s,
+        )
+
+
+def _start(name: str, config: BenchConfig, progress: Progress, stack: contextlib.ExitStack) -> _Contender:
+    """Start a topology on a fresh data directory (both kept until `stack` closes) and seed it."""
     progress(f"==> {name}: starting")
     data_dir = Path(tempfile.mkdtemp(prefix=f"threadline-bench-{name}-"))
+    stack.callback(shutil.rmtree, data_dir, ignore_errors=True)
     # Tokens minted while seeding must outlive the whole run.
     settings = Settings(
         data_dir=data_dir, topology=name, port=0, host=config.host, access_token_ttl_seconds=86_400
     )
-    phase_s: dict[str, float] = {}
-    try:
-        with running(parse_topology(name, SERVICES), settings, out=_ProgressWriter(progress)) as runner:
-            url = runner.gateway_url
-            progress(f"==> {name}: seeding {config.users} users, {config.posts} posts at {url}")
-            began = time.monotonic()
-            dataset = uvloop.run(
-                seed(url, users=config.users, posts=config.posts, seed=config.seed, progress=progress)
-            )
-            phase_s["seed"] = time.monotonic() - began
-            source = social_mix(dataset, thread_reads=config.thread_reads)
-            progress(f"==> {name}: warming up for {config.warmup_s:.0f} s")
-            began = time.monotonic()
-            uvloop.run(run_open_loop(url, source, rate=config.rates[0], duration_s=config.warmup_s))
-            processes = _processes(runner)
-
-            def measure(rate: float) -> RateStep:
-                # Whatever an earlier rate left queued (fan-outs, events) must not burden this one.
-                uvloop.run(wait_until_idle(processes))
-                step = _measure(processes, url, source, rate, config)
-                load = step.load
-                verdict = "" if step.sustainable(config.p99_bound_ms) else "  not sustainable"
-                progress(
-                    f"    {name} {rate:>7.0f}/s: p50 {load.percentile(50):7.1f} ms  "
-                    f"p99 {load.percentile(99):7.1f} ms  done {load.achieved_rate:7.1f}/s  "
-                    f"errors {load.errors + load.client_errors}  "
-                    f"cpu {step.cpu_ms_per_request:.2f} ms/req{verdict}"
-                )
-                return step
-
-            steps = step_up(
-                config.rates,
-                measure,
-                lambda step: step.sustainable(config.p99_bound_ms),
-                refine=config.refine_steps,
-            )
-            phase_s["rates"] = time.monotonic() - began
-            operation_cost: dict[str, OperationCost] = {}
-            if config.op_calls > 0:
-                progress(f"==> {name}: CPU per operation, {config.op_calls} sequential calls of each kind")
-                began = time.monotonic()
-                operation_cost = uvloop.run(
-                    measure_operation_costs(
-                        url,
-                        processes,
-                        social_mix(dataset, thread_reads=True),
-                        calls=config.op_calls,
-                        seed=config.seed,
-                        progress=progress,
-                        label=name,
-                    )
-                )
-                phase_s["operation_cost"] = time.monotonic() - began
-            scale: ScaleReport | None = None
-            if config.scale_posts > 0:
-                # Last: it grows the data set for good.
-                progress(
-                    f"==> {name}: feed reads as seeded, then bulk-loaded to {config.scale_posts:,} posts"
-                )
-                began = time.monotonic()
-                scale = uvloop.run(
-                    measure_at_scale(
-                        url,
-                        settings,
-                        dataset,
-                        target_posts=config.scale_posts,
-                        calls=config.scale_calls,
-                        seed=config.seed,
-                        progress=progress,
-                        label=name,
-                    )
-                )
-                phase_s["scale"] = time.monotonic() - began
-            return TopologyReport(
-                topology=name,
-                processes=[p.spec.name for p in runner.processes],
-                dataset=_dataset_summary(dataset),
-                steps=steps,
-                p99_bound_ms=config.p99_bound_ms,
-                operation_cost=operation_cost,
-                scale=scale,
-                phase_s=phase_s,
-            )
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
+    runner = stack.enter_context(
+        running(parse_topology(name, SERVICES), settings, out=_ProgressWriter(progress))
+    )
+    progress(f"==> {name}: seeding {config.users} users, {config.posts} posts at {runner.gateway_url}")
+    began = time.monotonic()
+    dataset = uvloop.run(
+        seed(runner.gateway_url, users=config.users, posts=config.posts, seed=config.seed, progress=progress)
+    )
+    contender = _Contender(
+        name=name,
+        runner=runner,
+        settings=settings,
+        dataset=dataset,
+        mix=social_mix(dataset, thread_reads=config.thread_reads),
+        processes=_processes(runner),
+        ladder=RateLadder(config.rates, refine=config.refine_steps),
+    )
+    contender.spent("seed", began)
+    return contender
 
 
-def step_up(
-    rates: Sequence[float], measure: Callable[[float], T], sustainable: Callable[[T], bool], *, refine: int
-) -> list[T]:
-    """Measure rising `rates` until one is not sustainable, then up to `refine` rates halfway between.
+def _offer_rates_in_turn(
+    contenders: list[_Contender], config: BenchConfig, progress: Progress
+) -> list[tuple[str, float]]:
+    """Climb every topology's rate ladder a rung at a time, in turns; the (topology, rate) measured, in order.
 
-    Each halfway rate lies between the highest sustainable rate measured and the lowest
-    unsustainable one above it, to the nearest `RATE_RESOLUTION`; it stops early once they are
-    that close. The steps come back in the order of their rates.
+    Taking turns rate by rate, rather than one topology's rates after the other's, puts minutes
+    less between the two figures compared: on a shared machine whose speed drifts, that kept
+    their ratio from following the drift. Who goes first alternates from one round to the next.
+    Every topology runs throughout; each rate is offered only once all of them are idle.
     """
-    measured: list[tuple[float, T]] = []
-    for rate in rates:
-        step = measure(rate)
-        measured.append((rate, step))
-        if not sustainable(step):
-            break
-    else:
-        return [step for _, step in measured]
-    high = measured[-1][0]
-    low = max((rate for rate, step in measured if sustainable(step)), default=0.0)
-    for _ in range(refine):
-        rate = round((low + high) / 2 / RATE_RESOLUTION) * RATE_RESOLUTION
-        if not low < rate < high:
-            break
-        step = measure(rate)
-        measured.append((rate, step))
-        if sustainable(step):
-            low = rate
-        else:
-            high = rate
-    return [step for _, step in sorted(measured, key=lambda pair: pair[0])]
+    everyone = {
+        f"{contender.name}/{name}": process
+        for contender in contenders
+        for name, process in contender.processes.items()
+    }
+    for contender in contenders:
+        progress(f"==> {contender.name}: warming up for {config.warmup_s:.0f} s")
+        began = time.monotonic()
+        uvloop.run(
+            run_open_loop(
+                contender.runner.gateway_url, contender.mix, rate=config.rates[0], duration_s=config.warmup_s
+            )
+        )
+        contender.spent("rates", began)
+    order: list[tuple[str, float]] = []
+    rounds = 0
+    while due := [(c, rate) for c in contenders if (rate := c.ladder.next_rate()) is not None]:
+        if rounds % 2:
+            due.reverse()
+        rounds += 1
+        for contender, rate in due:
+            began = time.monotonic()
+            # Whatever an earlier rate left queued (fan-outs, events) must not burden this one.
+            uvloop.run(wait_until_idle(everyone))
+            step = _measure(contender, rate, config)
+            sustained = step.sustainable(config.p99_bound_ms)
+            contender.ladder.record(rate, sustained=sustained)
+            contender.steps.append(step)
+            contender.spent("rates", began)
+            order.append((contender.name, rate))
+            load = step.load
+            progress(
+                f"    {contender.name} {rate:>7.0f}/s: p50 {load.percentile(50):7.1f} ms  "
+                f"p99 {load.percentile(99):7.1f} ms  done {load.achieved_rate:7.1f}/s  "
+                f"errors {load.errors + load.client_errors}  "
+                f"cpu {step.cpu_ms_per_request:.2f} ms/req{'' if sustained else '  not sustainable'}"
+            )
+    return order
 
 
-def _measure(
-    processes: dict[str, psutil.Process], url: str, source: Any, rate: float, config: BenchConfig
-) -> RateStep:
+def _measure_operation_costs(contender: _Contender, config: BenchConfig, progress: Progress) -> None:
+    if config.op_calls <= 0:
+        return
+    name = contender.name
+    progress(f"==> {name}: CPU per operation, {config.op_calls} sequential calls of each kind")
+    began = time.monotonic()
+    contender.operation_cost = uvloop.run(
+        measure_operation_costs(
+            contender.runner.gateway_url,
+            contender.processes,
+            social_mix(contender.dataset, thread_reads=True),
+            calls=config.op_calls,
+            seed=config.seed,
+            progress=progress,
+            label=name,
+        )
+    )
+    contender.spent("operation_cost", began)
+
+
+def _measure_at_scale(contender: _Contender, config: BenchConfig, progress: Progress) -> None:
+    if config.scale_posts <= 0:
+        return
+    progress(f"==> {contender.name}: feed reads as seeded, then bulk-loaded to {config.scale_posts:,} posts")
+    began = time.monotonic()
+    contender.scale = uvloop.run(
+        measure_at_scale(
+            contender.runner.gateway_url,
+            contender.settings,
+            contender.dataset,
+            target_posts=config.scale_posts,
+            calls=config.scale_calls,
+            seed=config.seed,
+            progress=progress,
+            label=contender.name,
+        )
+    )
+    contender.spent("scale", began)
+
+
+def _measure(contender: _Contender, rate: float, config: BenchConfig) -> RateStep:
+    processes = contender.processes
     machine, before = MachineTimes.now(), cpu_seconds(processes)
-    load = uvloop.run(run_open_loop(url, source, rate=rate, duration_s=config.duration_s))
+    load = uvloop.run(
+        run_open_loop(contender.runner.gateway_url, contender.mix, rate=rate, duration_s=config.duration_s)
+    )
     after = cpu_seconds(processes)
     return RateStep(
         load=load,
