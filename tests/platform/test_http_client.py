@@ -6,12 +6,14 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 
 from tests.support.polling import eventually
 from tests.support.servers import serving
@@ -34,6 +36,31 @@ HANG_CAP_SECONDS = 20.0
 
 def error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
+
+
+class Item(BaseModel):
+    """An answer model for `ServiceClient.call_for`."""
+
+    id: str
+    created_at: datetime
+    tags: list[str]
+
+
+class Flaky(BaseModel):
+    """What /flaky answers."""
+
+    ok: bool
+    method: str
+
+
+ITEM_ANSWER = b'{"id": "i1", "created_at": "2024-05-06T07:08:09Z", "tags": ["a", "b"]}'
+# Answers a caller cannot take as an Item: the wrong shape, not JSON at all, and no body.
+UNFIT_ANSWERS = {
+    "wrong-shape": b'{"id": 1, "tags": "a"}',
+    "not-json": b"<html>oops</html>",
+    "not-an-object": b"[]",
+    "empty": b"",
+}
 
 
 class Remote:
@@ -90,6 +117,11 @@ class Remote:
                     "trace": request.headers.get("x-trace"),
                 }
             )
+
+        @app.get("/raw/{name}")
+        async def raw(name: str) -> Response:
+            self.calls[f"raw-{name}"] += 1
+            return Response({"item": ITEM_ANSWER, **UNFIT_ANSWERS}[name], media_type="application/json")
 
         @app.delete("/empty")
         async def empty() -> Response:
@@ -331,6 +363,55 @@ async def test_an_empty_answer_is_none(remote: Remote, session: HttpSession) -> 
     client = ServiceClient("posts", remote.url, session)
     assert await client.call("DELETE", "/empty") is None
     assert remote.calls["empty"] == 1
+
+
+async def test_a_typed_call_validates_the_answer_from_its_bytes(
+    remote: Remote, session: HttpSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`call_for` hands the answer's raw bytes to `model_validate_json`, never decoding them first."""
+    validated: list[bytes] = []
+    from_json = Item.model_validate_json
+
+    def recording(cls: type[Item], data: bytes) -> Item:
+        validated.append(data)
+        return from_json(data)
+
+    def undecoded(cls: type[Item], data: Any) -> Item:
+        raise AssertionError(f"validated from a decoded answer: {data!r}")
+
+    monkeypatch.setattr(Item, "model_validate_json", classmethod(recording))
+    monkeypatch.setattr(Item, "model_validate", classmethod(undecoded))
+    monkeypatch.setattr("threadline.platform.http_client.orjson.loads", undecoded)
+    client = ServiceClient("posts", remote.url, session)
+    item = await client.call_for(Item, "GET", "/raw/item")
+    assert item == Item(id="i1", created_at=datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC), tags=["a", "b"])
+    assert validated == [ITEM_ANSWER]
+
+
+@pytest.mark.parametrize("name", sorted(UNFIT_ANSWERS))
+async def test_a_typed_call_whose_answer_does_not_fit_raises_a_validation_error(
+    remote: Remote, session: HttpSession, name: str
+) -> None:
+    """A 200 that is not an Item (wrong shape, not JSON, an array, empty) raises ValidationError."""
+    client = ServiceClient("posts", remote.url, session)
+    with pytest.raises(ValidationError) as raised:
+        await client.call_for(Item, "GET", f"/raw/{name}")
+    assert raised.value.title == "Item"
+    assert raised.value.errors()
+    assert remote.calls[f"raw-{name}"] == 1
+
+
+async def test_a_typed_call_is_retried_and_its_errors_mapped_as_call_does(
+    remote: Remote, session: HttpSession
+) -> None:
+    """`call_for` shares the request path of `call`: a 503 is retried, a remote 404 raises NotFound."""
+    remote.unavailable_left = 1
+    client = ServiceClient("posts", remote.url, session, retries=2)
+    assert await client.call_for(Flaky, "GET", "/flaky") == Flaky(ok=True, method="GET")
+    assert remote.calls["flaky"] == 2
+    with pytest.raises(NotFound) as raised:
+        await client.call_for(Flaky, "GET", "/status/404")
+    assert raised.value.code == "remote_404"
 
 
 async def test_a_hanging_call_is_cut_off_by_the_client_timeout(remote: Remote, session: HttpSession) -> None:

@@ -29,7 +29,6 @@ class FeedClient(ServiceClient):
 
     async def home(self, identity: Identity, page: PageRequest) -> FeedPage:
         """The caller's home timeline, newest first."""
-        body = await self.call(
-            "GET", f"{PREFIX}/home", params=page.model_dump(exclude_none=True), token=identity.token
+        return await self.call_for(
+            FeedPage, "GET", f"{PREFIX}/home", params=page.model_dump(exclude_none=True), token=identity.token
         )
-        return FeedPage.model_validate(body)

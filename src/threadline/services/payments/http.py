@@ -119,15 +119,17 @@ class PaymentsClient(ServiceClient):
 
     async def set_price(self, identity: Identity, data: PriceSet) -> PriceSet:
         """Set the caller's subscription price."""
-        body = await self.call("PUT", f"{PREFIX}/me/price", json=data.model_dump(), token=identity.token)
-        return PriceSet.model_validate(body)
+        return await self.call_for(
+            PriceSet, "PUT", f"{PREFIX}/me/price", json=data.model_dump(), token=identity.token
+        )
 
     async def subscribe(
         self, identity: Identity, creator: Party, data: SubscriptionCreate, idempotency_key: str
     ) -> SubscriptionPublic:
         """Subscribe the caller to `creator`."""
         order = SubscriptionOrder(creator=creator, data=data)
-        body = await self.call(
+        return await self.call_for(
+            SubscriptionPublic,
             "POST",
             f"{PREFIX}/subscriptions",
             json=order.model_dump(mode="json"),
@@ -135,27 +137,28 @@ class PaymentsClient(ServiceClient):
             headers={IDEMPOTENCY_HEADER: idempotency_key},
             idempotent=True,
         )
-        return SubscriptionPublic.model_validate(body)
 
     async def cancel(self, identity: Identity, subscription_id: str) -> SubscriptionPublic:
         """Cancel one's own subscription."""
-        body = await self.call("DELETE", f"{PREFIX}/subscriptions/{subscription_id}", token=identity.token)
-        return SubscriptionPublic.model_validate(body)
+        return await self.call_for(
+            SubscriptionPublic, "DELETE", f"{PREFIX}/subscriptions/{subscription_id}", token=identity.token
+        )
 
     async def my_subscriptions(self, identity: Identity, page: PageRequest) -> Page[SubscriptionPublic]:
         """The caller's subscriptions, newest first."""
-        body = await self.call(
+        return await self.call_for(
+            Page[SubscriptionPublic],
             "GET",
             f"{PREFIX}/me/subscriptions",
             params=page.model_dump(exclude_none=True),
             token=identity.token,
         )
-        return Page[SubscriptionPublic].model_validate(body)
 
     async def tip(self, identity: Identity, to: Party, data: TipCreate, idempotency_key: str) -> TipPublic:
         """Send a tip."""
         order = TipOrder(to=to, data=data)
-        body = await self.call(
+        return await self.call_for(
+            TipPublic,
             "POST",
             f"{PREFIX}/tips",
             json=order.model_dump(mode="json"),
@@ -163,14 +166,15 @@ class PaymentsClient(ServiceClient):
             headers={IDEMPOTENCY_HEADER: idempotency_key},
             idempotent=True,
         )
-        return TipPublic.model_validate(body)
 
     async def balance(self, identity: Identity) -> Balance:
         """What the caller earned and spent."""
-        return Balance.model_validate(await self.call("GET", f"{PREFIX}/me/balance", token=identity.token))
+        return await self.call_for(Balance, "GET", f"{PREFIX}/me/balance", token=identity.token)
 
     async def entitled_creators(self, subscriber_id: str, creator_ids: list[str]) -> list[str]:
         """Which of `creator_ids` `subscriber_id` has an active subscription to."""
         query = EntitlementQuery(subscriber_id=subscriber_id, creator_ids=creator_ids)
-        body = await self.call("POST", f"{PREFIX}/entitlements", json=query.model_dump(), idempotent=True)
-        return Entitlements.model_validate(body).creator_ids
+        answer = await self.call_for(
+            Entitlements, "POST", f"{PREFIX}/entitlements", json=query.model_dump(), idempotent=True
+        )
+        return answer.creator_ids

@@ -73,20 +73,25 @@ class PostsClient(ServiceClient):
 
     async def create_post(self, identity: Identity, data: PostCreate) -> PostPublic:
         """Publish a post or reply."""
-        body = await self.call("POST", f"{PREFIX}/posts", json=data.model_dump(), token=identity.token)
-        return PostPublic.model_validate(body)
+        return await self.call_for(
+            PostPublic, "POST", f"{PREFIX}/posts", json=data.model_dump(), token=identity.token
+        )
 
     async def get_post(self, post_id: str, viewer: Identity | None) -> PostRead:
         """One post as `viewer` sees it."""
-        body = await self.call("GET", f"{PREFIX}/posts/{post_id}", token=_token(viewer))
-        return PostAnswer.model_validate(body).read()
+        answer = await self.call_for(PostAnswer, "GET", f"{PREFIX}/posts/{post_id}", token=_token(viewer))
+        return answer.read()
 
     async def get_posts(self, post_ids: list[str], viewer: Identity | None) -> PostsRead:
         """Several posts in one call."""
-        body = await self.call(
-            "POST", f"{PREFIX}/posts/batch", json={"ids": post_ids}, token=_token(viewer), idempotent=True
+        return await self.call_for(
+            PostsRead,
+            "POST",
+            f"{PREFIX}/posts/batch",
+            json={"ids": post_ids},
+            token=_token(viewer),
+            idempotent=True,
         )
-        return PostsRead.model_validate(body)
 
     async def delete_post(self, identity: Identity, post_id: str) -> None:
         """Delete one's own post."""
@@ -102,13 +107,13 @@ class PostsClient(ServiceClient):
 
     async def posts_by_author(self, author_id: str, page: PageRequest, viewer: Identity | None) -> PostPage:
         """An author's posts, newest first."""
-        body = await self.call(
+        return await self.call_for(
+            PostPage,
             "GET",
             f"{PREFIX}/authors/{author_id}/posts",
             params=page.model_dump(exclude_none=True),
             token=_token(viewer),
         )
-        return PostPage.model_validate(body)
 
 
 def _token(viewer: Identity | None) -> str | None:

@@ -29,5 +29,4 @@ class ThreadsClient(ServiceClient):
     async def get_thread(self, post_id: str, viewer: Identity | None) -> ThreadPublic:
         """The conversation containing `post_id`, as `viewer` sees it."""
         token = None if viewer is None else viewer.token
-        body = await self.call("GET", f"{PREFIX}/threads/{post_id}", token=token)
-        return ThreadPublic.model_validate(body)
+        return await self.call_for(ThreadPublic, "GET", f"{PREFIX}/threads/{post_id}", token=token)

@@ -81,28 +81,27 @@ class UsersClient(ServiceClient):
 
     async def register(self, data: UserCreate) -> UserPublic:
         """Create an account."""
-        body = await self.call("POST", f"{PREFIX}/accounts", json=data.model_dump())
-        return UserPublic.model_validate(body)
+        return await self.call_for(UserPublic, "POST", f"{PREFIX}/accounts", json=data.model_dump())
 
     async def login(self, data: Credentials) -> AccessToken:
         """Exchange credentials for a token."""
-        body = await self.call("POST", f"{PREFIX}/sessions", json=data.model_dump(), idempotent=True)
-        return AccessToken.model_validate(body)
+        return await self.call_for(
+            AccessToken, "POST", f"{PREFIX}/sessions", json=data.model_dump(), idempotent=True
+        )
 
     async def get_user(self, user_id: str) -> UserPublic:
         """One account by id."""
-        return UserPublic.model_validate(await self.call("GET", f"{PREFIX}/accounts/{user_id}"))
+        return await self.call_for(UserPublic, "GET", f"{PREFIX}/accounts/{user_id}")
 
     async def get_by_handle(self, handle: str) -> UserPublic:
         """One account by handle."""
-        return UserPublic.model_validate(await self.call("GET", f"{PREFIX}/handles/{handle}"))
+        return await self.call_for(UserPublic, "GET", f"{PREFIX}/handles/{handle}")
 
     async def update_profile(self, identity: Identity, data: ProfileUpdate) -> UserPublic:
         """Change the caller's profile."""
-        body = await self.call(
-            "PATCH", f"{PREFIX}/me", json=data.model_dump(exclude_none=True), token=identity.token
+        return await self.call_for(
+            UserPublic, "PATCH", f"{PREFIX}/me", json=data.model_dump(exclude_none=True), token=identity.token
         )
-        return UserPublic.model_validate(body)
 
     async def follow(self, identity: Identity, handle: str) -> None:
         """Follow an account."""
@@ -126,5 +125,4 @@ class UsersClient(ServiceClient):
         return body
 
     async def _user_page(self, path: str, page: PageRequest) -> Page[UserPublic]:
-        body = await self.call("GET", path, params=page.model_dump(exclude_none=True))
-        return Page[UserPublic].model_validate(body)
+        return await self.call_for(Page[UserPublic], "GET", path, params=page.model_dump(exclude_none=True))
