@@ -1,17 +1,17 @@
 """`threadline bench`: the same workload against each topology on this machine, side by side.
 
 Every topology is started with the runner on a fresh data directory and seeded with the same
-data set through the public API; all of them keep running until the end. Then the social mix is
+data set through the public API; all of them keep running until the end. On each freshly seeded
+system it first measures the CPU cost of one operation of each kind in the mix
+(`threadline.bench.opcost`), against the targets stated per operation. Then the social mix is
 offered at rising fixed rates (open loop), the topologies taking turns rate by rate. Per rate it
 records latency percentiles from each request's intended send time, CPU seconds per request
 summed over every process (and per process, which in the microservices topology is per
 service), and the peak resident memory of each process. The highest rate whose p99 stays under
 the bound, with under 1% errors and at least 95% of the offered rate completed, is the max
 sustainable throughput; after the first rate that is not, rates halfway between narrow it down
-(`RateLadder`). Then, topology by topology, it measures the CPU cost of one operation of each
-kind in the mix (`threadline.bench.opcost`), against the targets stated per operation. Last, if
-asked, it grows each data set by bulk loading and measures feed reads at both sizes
-(`threadline.bench.scale`); that changes the data, so nothing follows it.
+(`RateLadder`). Last, if asked, it grows each data set by bulk loading and measures feed reads
+at both sizes (`threadline.bench.scale`); that changes the data, so nothing follows it.
 """
 
 import contextlib
@@ -164,9 +164,11 @@ def run_bench(config: BenchConfig, progress: Progress = print) -> dict[str, Any]
     """Run the comparison (and the microbenchmarks) and write JSON and PNG into `config.out_dir`."""
     with contextlib.ExitStack() as stack:
         contenders = [_start(name, config, progress, stack) for name in config.topologies]
-        order = _offer_rates_in_turn(contenders, config, progress)
+        # Before the rates, on the system as seeded: after the overload that ends each climb, the
+        # same reads once cost up to 1.6x as much, and the system's state after it varies by run.
         for contender in contenders:
             _measure_operation_costs(contender, config, progress)
+        order = _offer_rates_in_turn(contenders, config, progress)
         for contender in contenders:
             # Last: it grows the data set for good.
             _measure_at_scale(contender, config, progress)
