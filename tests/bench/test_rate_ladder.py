@@ -3,13 +3,16 @@
 from threadline.bench.compare import RateLadder, render_table
 
 
-def climb(rates: list[float], limit: float, *, refine: int) -> list[float]:
-    """The rates a ladder has measured, in order, against a fake system sustaining rates up to `limit`."""
+def climb(rates: list[float], limit: float, *, refine: int, slow_moments: int = 0) -> list[float]:
+    """The rates a ladder has measured, in order, against a fake system sustaining rates up to `limit`.
+
+    The first `slow_moments` steps fail whatever their rate, as a step does when the machine stalls.
+    """
     ladder = RateLadder(rates, refine=refine)
     measured: list[float] = []
     while (rate := ladder.next_rate()) is not None:
         measured.append(rate)
-        ladder.record(rate, sustained=rate <= limit)
+        ladder.record(rate, sustained=rate <= limit and len(measured) > slow_moments)
     return measured
 
 
@@ -19,20 +22,26 @@ def test_rates_all_sustained_are_each_measured_once_and_not_refined() -> None:
 
 
 def test_halfway_rates_narrow_the_gap() -> None:
-    """800 held and 1000 did not: 900 (held) then 950 (did not) are tried, and no rate above 1000."""
-    assert climb([400, 800, 1000, 1200], 930, refine=2) == [400, 800, 1000, 900, 950]
-    assert climb([400, 800, 1000, 1200], 910, refine=3) == [400, 800, 1000, 900, 950, 920]
+    """800 held and 1000 did not, twice: 900 (held) then 950 (did not, twice) are tried, none above 1000."""
+    assert climb([400, 800, 1000, 1200], 930, refine=2) == [400, 800, 1000, 1000, 900, 950, 950]
+    assert climb([400, 800, 1000, 1200], 910, refine=3) == [400, 800, 1000, 1000, 900, 950, 950, 920, 920]
+
+
+def test_a_rate_not_sustained_once_is_tried_again_before_it_counts() -> None:
+    """A step spoilt by one slow moment does not end the climb; failing its second try too does."""
+    assert climb([100, 200, 300], 1000, refine=2, slow_moments=1) == [100, 100, 200, 300]
+    assert climb([100, 200, 300], 1000, refine=0, slow_moments=2) == [100, 100]
 
 
 def test_refining_stops_at_the_resolution_and_can_be_turned_off() -> None:
     """Halfway rates are whole tens: none is tried once the gap is that small, and none with refine=0."""
-    assert climb([100, 105], 100, refine=5) == [100, 105]
-    assert climb([800, 1000], 850, refine=0) == [800, 1000]
+    assert climb([100, 105], 100, refine=5) == [100, 105, 105]
+    assert climb([800, 1000], 850, refine=0) == [800, 1000, 1000]
 
 
 def test_a_first_rate_already_too_high_is_refined_from_zero() -> None:
     """Nothing sustained: the halfway rates go down from the first rate towards zero."""
-    assert climb([50, 100], 12, refine=2) == [50, 20, 10]
+    assert climb([50, 100], 12, refine=2) == [50, 50, 20, 20, 10]
 
 
 def test_ladders_climbed_in_turns_keep_apart() -> None:
@@ -45,7 +54,16 @@ def test_ladders_climbed_in_turns_keep_apart() -> None:
             assert rate is not None
             turns.append((name, rate))
             ladder.record(rate, sustained=rate <= (1000 if name == "fast" else 120))
-    assert turns == [("fast", 100), ("slow", 100), ("fast", 200), ("slow", 200), ("fast", 300), ("slow", 150)]
+    assert turns == [
+        ("fast", 100),
+        ("slow", 100),
+        ("fast", 200),
+        ("slow", 200),
+        ("fast", 300),
+        ("slow", 200),
+        ("slow", 150),
+        ("slow", 150),
+    ]
 
 
 def test_the_table_names_the_lowest_rate_that_was_not_sustained() -> None:
