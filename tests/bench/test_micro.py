@@ -1,6 +1,7 @@
 """The microbenchmarks run end to end on a few calls, return well-formed rows and leave no process behind."""
 
 import json
+import statistics
 import subprocess
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from threadline.bench.micro import (
 )
 
 CALLS = 200
+ROUNDS = 2
 DERIVED = {ADDED, ADDED_LOADED}
 SATURATED = {HELLO_SATURATED, HOP_SATURATED}
 SEQUENTIAL = set(RESULT_NAMES) - DERIVED - SATURATED - {BACKGROUND}
@@ -42,6 +44,7 @@ class Run:
     results: list[MicroResult]
     spawned: list[tuple[int, float | None]]
     children_before: set[int]
+    progress: list[str]
 
     def row(self, name: str) -> MicroResult:
         """The row called `name`."""
@@ -62,10 +65,11 @@ def run() -> Run:
                 spawned.append((self.pid, None))
 
     children_before = {child.pid for child in psutil.Process().children(recursive=True)}
+    progress: list[str] = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(subprocess, "Popen", RecordingPopen)
-        results = run_micro(calls=CALLS, warmup=20, progress=lambda _: None)
-    return Run(results, spawned, children_before)
+        results = run_micro(calls=CALLS, warmup=20, saturation_rounds=ROUNDS, progress=progress.append)
+    return Run(results, spawned, children_before, progress)
 
 
 def test_every_row_is_present_in_a_stable_order(run: Run) -> None:
@@ -103,6 +107,39 @@ def test_saturation_rows_carry_cpu_per_call_of_each_process(run: Run) -> None:
     assert run.row(HELLO_SATURATED).cpu_us_per_call["echo"] > 0
     assert run.row(HOP_SATURATED).cpu_us_per_call["gateway"] > 0
     assert set(run.row(HOP_SATURATED).cpu_us_per_call) == {"caller", "gateway", "echo"}
+
+
+def test_saturation_takes_the_direct_route_and_the_hop_in_turns_round_by_round(run: Run) -> None:
+    """Each round measures both, the one that went second in a round going first in the next."""
+    rounds = [line for line in run.progress if ", round " in line]
+    assert [line.split(", round ")[0].removeprefix("micro: ") for line in rounds] == [
+        HELLO_SATURATED,
+        HOP_SATURATED,
+        HOP_SATURATED,
+        HELLO_SATURATED,
+    ]
+    for name in SATURATED:
+        row = run.row(name)
+        assert len(row.rounds_calls_per_s) == ROUNDS, name
+        assert row.calls_per_s == pytest.approx(statistics.median(row.rounds_calls_per_s)), name
+
+
+def _saturated(name: str, rates: list[float]) -> MicroResult:
+    cpu = {"echo": 1.0, "gateway": 1.0}
+    return MicroResult(name, 100, 1.0, 2.0, 3.0, statistics.median(rates), cpu, rates)
+
+
+def test_throughput_ratio_is_the_median_of_the_rounds_ratios() -> None:
+    """Each round's hop rate is set against the same round's direct rate, not against another round's."""
+    rows = {name: MicroResult(name, 1, 1.0, 1.0, 1.0, 1.0) for name in RESULT_NAMES}
+    rows[HELLO_SATURATED] = _saturated(HELLO_SATURATED, [1000.0, 2000.0, 3000.0])
+    rows[HOP_SATURATED] = _saturated(HOP_SATURATED, [600.0, 800.0, 1500.0])
+    rows[ADAPTER] = MicroResult(ADAPTER, 1, 1.0, 1.0, 1.0, 1.0, {"caller": 1.0, "echo": 1.0})
+    report = micro_report([rows[name] for name in RESULT_NAMES])
+    # The rounds' ratios are 0.6, 0.4 and 0.5; the ratio of the median rates would be 0.4.
+    assert report["hop_throughput_ratio_by_round"] == [0.6, 0.4, 0.5]
+    assert report["hop_throughput_ratio"] == 0.5
+    assert report["meets_targets"]["hop_throughput_ratio"] is True
 
 
 def test_rows_of_one_call_each_way_carry_the_cpu_of_caller_and_echo_server(run: Run) -> None:

@@ -22,10 +22,14 @@ open-loop requests through /hop at 10% of the maximum rate through /hop. That is
 capacity of the path under test, whose bottleneck is the gateway; 10% of the direct /hello
 maximum would run a gateway that sustains a fraction of that rate at several times 10%.
 
-Both maxima come from 32 closed-loop callers for 2 s each (a saturation measurement). On a small
-machine the caller, the gateway and the echo server compete for the same cores, so those rows say
-what one box sustains with all three on it. They also carry each process's CPU time per call,
-from which the report derives the ratio that holds when the gateway has a core of its own.
+Both maxima come from 32 closed-loop callers (a saturation measurement), in rounds: each round
+measures the direct route and the hop for 2 s each, back to back, who goes first alternating from
+round to round. The throughput ratio reported is the median of the rounds' ratios, each of two
+figures taken a few seconds apart: on a shared machine whose speed drifts, a single pair of
+windows had put the ratio anywhere from 0.46 to 0.68 on the same code. On a small machine the
+caller, the gateway and the echo server compete for the same cores, so those rows say what one
+box sustains with all three on it. They also carry each process's CPU time per call, from which
+the report derives the ratio that holds when the gateway has a core of its own.
 """
 
 import argparse
@@ -38,6 +42,7 @@ import os
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,6 +85,7 @@ __all__ = [
     "NATS",
     "RAW_AIOHTTP",
     "RESULT_NAMES",
+    "SATURATION_ROUNDS",
     "TARGET_ADDED_P50_MS",
     "TARGET_ADDED_P99_MS",
     "TARGET_HOP_THROUGHPUT_RATIO",
@@ -126,6 +132,8 @@ TARGET_ADDED_P50_MS = 0.5
 TARGET_ADDED_P99_MS = 2.0
 TARGET_HOP_THROUGHPUT_RATIO = 0.5
 
+SATURATION_ROUNDS = 5
+"""Rounds of the saturation measurement, each the direct route and the hop once."""
 _SATURATION_CALLERS = 32
 _SATURATION_SECONDS = 2.0
 _SATURATION_WARMUP_SECONDS = 0.3
@@ -160,7 +168,8 @@ class MicroResult:
     32-caller rows, the achieved rate of the open-loop load, and 0 for the derived "added" rows.
     `cpu_us_per_call` is CPU µs per call of each process: caller and echo server on the rows of
     one call made each way (local adapter to NATS), caller, gateway and echo on the 32-caller rows;
-    empty elsewhere.
+    empty elsewhere. On the 32-caller rows, `rounds_calls_per_s` is each round's rate, in round
+    order, and `calls_per_s` their median.
     """
 
     name: str
@@ -170,27 +179,34 @@ class MicroResult:
     p99_us: float
     calls_per_s: float
     cpu_us_per_call: dict[str, float] = field(default_factory=dict)
+    rounds_calls_per_s: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The row as JSON-friendly values."""
         return asdict(self)
 
 
-def run_micro(*, calls: int = 5000, warmup: int = 500, progress: Progress = print) -> list[MicroResult]:
+def run_micro(
+    *,
+    calls: int = 5000,
+    warmup: int = 500,
+    saturation_rounds: int = SATURATION_ROUNDS,
+    progress: Progress = print,
+) -> list[MicroResult]:
     """Measure one call every way Threadline can make it; print a table; return rows in `RESULT_NAMES` order.
 
     Starts an embedded NATS server, an echo server process and a gateway process on free loopback
     ports, and stops all of them before returning, whatever happens.
     """
-    if calls < 1 or warmup < 0:
-        raise ValueError("calls must be at least 1 and warmup at least 0")
+    if calls < 1 or warmup < 0 or saturation_rounds < 1:
+        raise ValueError("calls and saturation_rounds must be at least 1 and warmup at least 0")
     with tempfile.TemporaryDirectory(prefix="threadline-micro-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
         progress("micro: starting an embedded NATS server, an echo server process and a gateway process")
         nats_server = stack.enter_context(EmbeddedNats(workdir / "nats"))
         echo = stack.enter_context(_server(workdir, "echo", ["--nats-url", nats_server.url]))
         gateway = stack.enter_context(_server(workdir, "gateway", ["--upstream", echo.url]))
-        bench = _Bench(calls, warmup, progress, workdir, echo, gateway, nats_server.url)
+        bench = _Bench(calls, warmup, saturation_rounds, progress, workdir, echo, gateway, nats_server.url)
         rows = uvloop.run(bench.run())
     results = [rows[name] for name in RESULT_NAMES]
     progress(render_table(results))
@@ -205,7 +221,11 @@ def micro_report(results: Sequence[MicroResult]) -> dict[str, Any]:
         raise ValueError(f"results lack the rows {missing}")
     added, added_loaded = rows[ADDED], rows[ADDED_LOADED]
     direct, through_hop = rows[HELLO_SATURATED], rows[HOP_SATURATED]
-    ratio = through_hop.calls_per_s / direct.calls_per_s
+    round_ratios = [
+        hop / hello
+        for hop, hello in zip(through_hop.rounds_calls_per_s, direct.rounds_calls_per_s, strict=True)
+    ] or [through_hop.calls_per_s / direct.calls_per_s]
+    ratio = statistics.median(round_ratios)
     # Each server's own ceiling is one core over its CPU per call; their ratio is what the
     # gateway sustains relative to the route when neither shares a core.
     echo_cpu, gateway_cpu = direct.cpu_us_per_call.get("echo"), through_hop.cpu_us_per_call.get("gateway")
@@ -218,6 +238,7 @@ def micro_report(results: Sequence[MicroResult]) -> dict[str, Any]:
         "direct_max_calls_per_s": round(direct.calls_per_s, 1),
         "hop_max_calls_per_s": round(through_hop.calls_per_s, 1),
         "hop_throughput_ratio": round(ratio, 3),
+        "hop_throughput_ratio_by_round": [round(each, 3) for each in round_ratios],
         "hop_throughput_ratio_per_core": per_core,
         "cpu_us_per_call": {"direct": direct.cpu_us_per_call, "hop": through_hop.cpu_us_per_call},
         "saturation_callers": _SATURATION_CALLERS,
@@ -260,10 +281,11 @@ def render_table(results: Sequence[MicroResult]) -> str:
         report["added_per_hop_at_10pct_load_ms"],
         report["meets_targets"],
     )
-    hop_rate, direct_rate, ratio = (
+    hop_rate, direct_rate, ratio, rounds = (
         report["hop_max_calls_per_s"],
         report["direct_max_calls_per_s"],
         report["hop_throughput_ratio"],
+        report["hop_throughput_ratio_by_round"],
     )
     lines += [
         "",
@@ -271,8 +293,9 @@ def render_table(results: Sequence[MicroResult]) -> str:
         f"{loaded['p50']:.3f} / {loaded['p99']:.3f} ms at 10% load "
         f"(target ≤ {TARGET_ADDED_P50_MS} / ≤ {TARGET_ADDED_P99_MS} ms: "
         f"{_verdict(met['added_p50'] and met['added_p99'])})",
-        f"through the gateway: {hop_rate:,.0f} calls/s vs {direct_rate:,.0f} direct = {ratio:.2f}x "
-        f"(target ≥ {TARGET_HOP_THROUGHPUT_RATIO}x: {_verdict(met['hop_throughput_ratio'])}), "
+        f"through the gateway: {hop_rate:,.0f} calls/s vs {direct_rate:,.0f} direct, "
+        f"{ratio:.2f}x (median of {len(rounds)} rounds, from {min(rounds):.2f} to {max(rounds):.2f}; "
+        f"target ≥ {TARGET_HOP_THROUGHPUT_RATIO}x: {_verdict(met['hop_throughput_ratio'])}), "
         f"{_SATURATION_CALLERS} callers, {report['cpus']} CPUs; "
         f"from CPU per call, {_ratio(report['hop_throughput_ratio_per_core'])} "
         "if gateway and route had a core each",
@@ -323,6 +346,36 @@ def _difference(name: str, slower: MicroResult, faster: MicroResult) -> MicroRes
     )
 
 
+@dataclass
+class _Window:
+    """One saturation window: the latencies timed in it, every call made, each process's CPU seconds."""
+
+    samples_ns: list[int]
+    completed: int
+    cpu_seconds: dict[str, float]
+
+    @property
+    def calls_per_s(self) -> float:
+        """Calls completed per second of the window."""
+        return len(self.samples_ns) / _SATURATION_SECONDS
+
+    def cpu_us_per_call(self) -> dict[str, float]:
+        """Each process's CPU µs per call made."""
+        return {who: seconds * 1e6 / self.completed for who, seconds in self.cpu_seconds.items()}
+
+
+def _saturated_row(name: str, windows: Sequence[_Window]) -> MicroResult:
+    """Latencies of every window's calls; the median window's rate; CPU per call over all windows."""
+    made = sum(window.completed for window in windows)
+    cpu = {
+        who: round(sum(window.cpu_seconds[who] for window in windows) * 1e6 / made, 1)
+        for who in windows[0].cpu_seconds
+    }
+    rates = [window.calls_per_s for window in windows]
+    row = _row(name, [sample for window in windows for sample in window.samples_ns])
+    return replace(row, calls_per_s=statistics.median(rates), cpu_us_per_call=cpu, rounds_calls_per_s=rates)
+
+
 class _EchoService:
     """What a monolith calls instead of a remote service: a plain object in the same process."""
 
@@ -346,6 +399,7 @@ class _Bench:
         self,
         calls: int,
         warmup: int,
+        saturation_rounds: int,
         progress: Progress,
         workdir: Path,
         echo: _Server,
@@ -354,6 +408,7 @@ class _Bench:
     ) -> None:
         self.calls = calls
         self.warmup = warmup
+        self.saturation_rounds = saturation_rounds
         self.progress = progress
         self.workdir = workdir
         self.echo = echo
@@ -422,8 +477,7 @@ class _Bench:
             await self._expect(HELLO, hello, _HELLO)
             await self._expect(HOP, hop, _HELLO)
             await self._interleaved(hello, hop, HELLO, HOP, ADDED)
-            await self._saturate(HELLO_SATURATED, hello)
-            await self._saturate(HOP_SATURATED, hop)
+            await self._saturate_in_rounds(hello, hop)
             await self._under_load(hello, hop)
         return self.rows
 
@@ -444,18 +498,27 @@ class _Bench:
         self._add(hop_row)
         self._add(_difference(added, hop_row, hello_row))
 
-    async def _saturate(self, name: str, call: Call) -> None:
+    async def _saturate_in_rounds(self, hello: Call, hop: Call) -> None:
+        """The 32-caller rows: the direct route and the hop back to back in each round, in turns."""
+        windows: dict[str, list[_Window]] = {HELLO_SATURATED: [], HOP_SATURATED: []}
+        for round_index in range(self.saturation_rounds):
+            pair = [(HELLO_SATURATED, hello), (HOP_SATURATED, hop)]
+            for name, call in pair if round_index % 2 == 0 else reversed(pair):
+                window = await self._saturate(call)
+                windows[name].append(window)
+                per_call = ", ".join(f"{who} {us:.0f}" for who, us in window.cpu_us_per_call().items())
+                self.progress(
+                    f"micro: {name}, round {round_index + 1}/{self.saturation_rounds}: "
+                    f"{window.calls_per_s:,.0f} calls/s; CPU µs per call: {per_call}"
+                )
+        for name, measured in windows.items():
+            self._add(_saturated_row(name, measured))
+
+    async def _saturate(self, call: Call) -> "_Window":
         pids = {"caller": os.getpid(), "gateway": self.gateway.process.pid, "echo": self.echo.process.pid}
         with _cpu_seconds(pids) as used:
-            started = time.monotonic()
             samples_ns, completed = await _closed_loop(call, _SATURATION_CALLERS, _SATURATION_SECONDS)
-            elapsed = time.monotonic() - started
-        cpu = {who: round(seconds * 1e6 / completed, 1) for who, seconds in used.items()}
-        row = _row(name, samples_ns, calls_per_s=len(samples_ns) / _SATURATION_SECONDS)
-        self._add(replace(row, cpu_us_per_call=cpu))
-        shares = ", ".join(f"{who} {seconds / elapsed:.0%}" for who, seconds in used.items())
-        per_call = ", ".join(f"{who} {us:.0f}" for who, us in cpu.items())
-        self.progress(f"micro: share of one core used: {shares}; CPU µs per call: {per_call}")
+        return _Window(samples_ns, completed, used)
 
     async def _under_load(self, hello: Call, hop: Call) -> None:
         rate = _LOAD_FRACTION * self.rows[HOP_SATURATED].calls_per_s
