@@ -18,11 +18,12 @@ A lone sequential caller never has two requests in flight, so the callee is idle
 arrives: that is zero load, not low load, because it leaves out the waiting behind other
 requests that load adds. Hence the per-hop target ("at 10% load") gets its own rows: the same
 interleaved series run again while another process (this module's `load` command) sends
-open-loop requests through /hop at 10% of the maximum rate through /hop, through the services'
-connection pool too (with aiohttp it spent three times the CPU per call, taken from the servers
-measured: the added p99 was 1.7-2.1 ms in three runs with it, 1.1-1.2 ms in two without). That is 10% of the
+open-loop requests through /hop at 10% of the maximum rate through /hop. That is 10% of the
 capacity of the path under test, whose bottleneck is the gateway; 10% of the direct /hello
-maximum would run a gateway that sustains a fraction of that rate at several times 10%.
+maximum would run a gateway that sustains a fraction of that rate at several times 10%. That
+process sends through the services' connection pool too: with aiohttp it spent three times the
+CPU per call, taken from the servers measured, and the added p99 was 1.7-2.1 ms in three runs
+with it against 1.1-1.2 ms in two without.
 
 Both maxima come from 32 closed-loop callers (a saturation measurement), in rounds: each round
 measures the direct route and the hop for 2 s each, back to back, who goes first alternating from
@@ -227,7 +228,7 @@ def micro_report(results: Sequence[MicroResult]) -> dict[str, Any]:
     round_ratios = [
         hop / hello
         for hop, hello in zip(through_hop.rounds_calls_per_s, direct.rounds_calls_per_s, strict=True)
-    ] or [through_hop.calls_per_s / direct.calls_per_s]
+    ]
     ratio = statistics.median(round_ratios)
     # Each server's own ceiling is one core over its CPU per call; their ratio is what the
     # gateway sustains relative to the route when neither shares a core.
@@ -517,7 +518,7 @@ class _Bench:
         for name, measured in windows.items():
             self._add(_saturated_row(name, measured))
 
-    async def _saturate(self, call: Call) -> "_Window":
+    async def _saturate(self, call: Call) -> _Window:
         pids = {"caller": os.getpid(), "gateway": self.gateway.process.pid, "echo": self.echo.process.pid}
         with _cpu_seconds(pids) as used:
             samples_ns, completed = await _closed_loop(call, _SATURATION_CALLERS, _SATURATION_SECONDS)
