@@ -28,6 +28,7 @@ from threadline.platform.events import Bus, InProcessBus
 from threadline.platform.forwarding import Forwarding
 from threadline.platform.http_client import ServiceClient
 from threadline.platform.http_pool import HttpSession
+from threadline.platform.http_server import CoalescingHttpToolsProtocol
 from threadline.platform.nats_bus import NatsBus
 from threadline.platform.outbox import OutboxRelay
 from threadline.platform.settings import Settings
@@ -260,7 +261,8 @@ async def _serve(group: tuple[str, ...], settings: Settings) -> None:
         log_level="warning",
         access_log=False,
         lifespan="off",
-        http="httptools",
+        # httptools, with each answer's head and body sent in one write.
+        http=CoalescingHttpToolsProtocol,
         # Callers connect directly (no proxy in front adds X-Forwarded-For): skip that layer.
         proxy_headers=False,
         timeout_graceful_shutdown=10,

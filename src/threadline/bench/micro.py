@@ -70,6 +70,7 @@ from threadline.bench.loadgen import cpu_seconds
 from threadline.platform.forwarding import Forward, Forwarding
 from threadline.platform.http_client import ServiceClient
 from threadline.platform.http_pool import HttpAnswer, HttpSession
+from threadline.platform.http_server import CoalescingHttpToolsProtocol
 from threadline.platform.nats_server import EmbeddedNats
 from threadline.platform.processes import die_with_parent
 
@@ -766,7 +767,8 @@ async def _serve(port: int, nats_url: str | None, upstream: str | None) -> None:
         _server_app(nats_url, upstream),
         host="127.0.0.1",
         port=port,
-        http="httptools",
+        # Served as the services are served (see `threadline.platform.http_server`).
+        http=CoalescingHttpToolsProtocol,
         lifespan="on",
         log_level="warning",
         access_log=False,
