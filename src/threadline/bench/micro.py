@@ -1,13 +1,14 @@
 """Microbenchmarks of one service-to-service call: what a hop costs next to the in-process call it replaces.
 
 Everything runs on loopback on this machine. The callee is a separate OS process (this module's
-`serve` command): a bare FastAPI app on uvicorn with uvloop and httptools, answering `GET /hello`
-and `POST /echo`, and answering NATS requests on `bench.echo` through an embedded NATS server. A
-second such process is a gateway that forwards `GET /hop` to the first one's `/hello` the way
-Threadline's gateway forwards its hot routes (`threadline.platform.forwarding` over the chassis
-`ServiceClient`). The caller is this process, on uvloop; it calls /hello and /hop through the
-same connection pool the services use, the cheapest client here, so that it takes as little as
-it can of the cores the two servers need.
+`serve` command): a bare FastAPI app on uvicorn with uvloop and httptools (served as the services
+are, `threadline.platform.http_server`), answering `GET /hello` and `POST /echo`, and answering
+NATS requests on `bench.echo` through an embedded NATS server. A second such process is a
+gateway that forwards `GET /hop` to the first one's `/hello` the way Threadline's gateway
+forwards its hot routes (`threadline.platform.forwarding` over the chassis `ServiceClient`). The
+caller is this process, on uvloop; it calls /hello and /hop through the same connection pool the
+services use, the cheapest client here, so that it takes as little as it can of the cores the
+two servers need.
 
 Each latency row comes from one caller making sequential calls after a warm-up, each timed with
 `perf_counter_ns`, summarized as nearest-rank percentiles; its calls/s is that caller's rate
@@ -767,7 +768,6 @@ async def _serve(port: int, nats_url: str | None, upstream: str | None) -> None:
         _server_app(nats_url, upstream),
         host="127.0.0.1",
         port=port,
-        # Served as the services are served (see `threadline.platform.http_server`).
         http=CoalescingHttpToolsProtocol,
         lifespan="on",
         log_level="warning",
