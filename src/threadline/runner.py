@@ -5,6 +5,7 @@ import errno
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -37,6 +38,7 @@ __all__ = [
     "StartError",
     "StartInterrupted",
     "check_port_free",
+    "free_ports",
     "plan",
     "prepare_data_dir",
     "run",
@@ -48,6 +50,11 @@ __all__ = [
 DATA_FORMAT = 1
 MARKER_FILE = "threadline.json"
 _LOOPBACK = "127.0.0.1"
+_OUTGOING_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LINUX_OUTGOING_PORTS_START = 32768
+_LOWEST_CHOSEN_PORT = 10_000
+_MIN_CHOICE = 1_000
+_CHOICE_ATTEMPTS = 200
 _LOG_TAIL_LINES = 20
 _POLL_SECONDS = 0.1
 
@@ -117,8 +124,38 @@ def _url_host(host: str) -> str:
     return host
 
 
-def _free_ports(host: str, count: int) -> list[int]:
-    """`count` distinct ports free on `host` right now (the sockets are held until all are chosen)."""
+def free_ports(host: str, count: int) -> list[int]:
+    """`count` distinct ports free on `host` now, below the range the OS gives outgoing connections.
+
+    A port from that range (which binding port 0 picks from) can be taken by a connection any
+    process opens before the server that was given it binds it: a test run once lost a
+    gateway's port that way. A port below it can only be taken by another listener.
+    """
+    if count < 1:
+        return []
+    low = _outgoing_ports_start()
+    if low - _LOWEST_CHOSEN_PORT < _MIN_CHOICE:
+        return _ports_from_the_os(host, count)
+    chooser = random.Random()
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        for _ in range(_CHOICE_ATTEMPTS):
+            candidate = chooser.randrange(_LOWEST_CHOSEN_PORT, low)
+            if candidate in ports:
+                continue
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                sock.bind((host, candidate))
+            except OSError:
+                continue
+            ports.append(candidate)
+            if len(ports) == count:
+                return ports
+    raise RunnerError(f"found no {count} free ports on {host} below {low}; pass --port, or free some")
+
+
+def _ports_from_the_os(host: str, count: int) -> list[int]:
+    """`count` distinct ports the OS picks as free on `host` (the sockets are held until all are chosen)."""
     with contextlib.ExitStack() as stack:
         ports = []
         for _ in range(count):
@@ -128,10 +165,18 @@ def _free_ports(host: str, count: int) -> list[int]:
         return ports
 
 
+def _outgoing_ports_start() -> int:
+    """The lowest port the OS gives outgoing connections (Linux's default where it cannot tell)."""
+    try:
+        return int(_OUTGOING_PORT_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _LINUX_OUTGOING_PORTS_START
+
+
 def plan(topology: Topology, settings: Settings) -> list[ProcessSpec]:
     """One spec per process: gateway on settings.host:port (0: any free), others on free loopback ports."""
     others = [group for group in topology.processes if GATEWAY not in group]
-    free = iter(_free_ports(_LOOPBACK, len(others) + (settings.port == 0)))
+    free = iter(free_ports(_LOOPBACK, len(others) + (settings.port == 0)))
     specs = []
     for group in topology.processes:
         if GATEWAY in group:

@@ -1,7 +1,6 @@
 """Real Threadline processes started by the runner, driven through the gateway."""
 
 import os
-import socket
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -13,7 +12,7 @@ import pytest
 
 from tests.e2e.client import Api
 from threadline.platform.settings import Settings
-from threadline.runner import Runner, running
+from threadline.runner import Runner, free_ports, running
 from threadline.topology import SERVICES, parse_topology
 
 TOPOLOGIES = ["microservices", "monolith"]
@@ -33,10 +32,8 @@ class System:
 
 
 def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nobody listens on right now, chosen as the runner chooses its services' ports."""
+    return free_ports("127.0.0.1", 1)[0]
 
 
 def start_system(

@@ -1,10 +1,12 @@
 """Which processes a topology becomes, and where each listens."""
 
+import contextlib
+import socket
 from pathlib import Path
 from typing import Any
 
 from threadline.platform.settings import Settings
-from threadline.runner import plan, service_urls
+from threadline.runner import free_ports, plan, service_urls
 from threadline.topology import parse_topology
 
 SERVICES = ("users", "posts")
@@ -77,3 +79,36 @@ def test_a_gateway_on_all_addresses_is_reached_through_loopback_and_services_sta
 
     assert (specs[0].host, specs[0].url) == ("0.0.0.0", "http://127.0.0.1:8127")
     assert all(s.host == "127.0.0.1" for s in specs[1:])
+
+
+def _outgoing_ports_start() -> int:
+    return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+
+
+def test_chosen_ports_are_distinct_free_and_below_the_ports_of_outgoing_connections() -> None:
+    """Ports chosen for services cannot be taken by a connection opened before the service binds them."""
+    ports = free_ports("127.0.0.1", 20)
+    assert len(set(ports)) == 20
+    assert all(10_000 <= port < _outgoing_ports_start() for port in ports)
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_a_port_something_listens_on_is_never_chosen() -> None:
+    """Every port free but one listened on: only the free one can come back."""
+    with contextlib.ExitStack() as stack:
+        taken = []
+        for port in free_ports("127.0.0.1", 2):
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+            taken.append(port)
+        chosen = free_ports("127.0.0.1", 50)
+        assert not set(taken) & set(chosen)
+
+
+def test_services_of_a_topology_get_ports_below_the_ports_of_outgoing_connections() -> None:
+    """The runner's plan chooses its services' ports that way too."""
+    specs = plan(parse_topology("microservices", SERVICES), _settings(port=0))
+    assert all(10_000 <= spec.port < _outgoing_ports_start() for spec in specs)

@@ -45,7 +45,6 @@ import math
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -74,6 +73,7 @@ from threadline.platform.http_pool import HttpAnswer, HttpSession
 from threadline.platform.http_server import CoalescingHttpToolsProtocol
 from threadline.platform.nats_server import EmbeddedNats
 from threadline.platform.processes import die_with_parent
+from threadline.runner import free_ports
 
 __all__ = [
     "ADAPTER",
@@ -645,7 +645,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def _server(workdir: Path, role: str, options: list[str]) -> Iterator[_Server]:
     """A `serve` process on a free port, once it answers; retried on another port if it loses a race."""
     for attempt in range(1, _START_ATTEMPTS + 1):
-        port = _free_port()
+        port = free_ports("127.0.0.1", 1)[0]
         log_path = workdir / f"{role}-{attempt}.log"
         process = _spawn(["serve", "--port", str(port), *options], log_path)
         try:
@@ -697,13 +697,6 @@ async def _background_load(workdir: Path, url: str, rate: float) -> AsyncIterato
         summary.update(json.loads(out))
     finally:
         _stop(process)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _tail(path: Path, lines: int = 20) -> str:
