@@ -143,11 +143,13 @@ def free_ports(host: str, count: int) -> list[int]:
             candidate = chooser.randrange(_LOWEST_CHOSEN_PORT, low)
             if candidate in ports:
                 continue
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 sock.bind((host, candidate))
             except OSError:
+                sock.close()
                 continue
+            stack.enter_context(sock)
             ports.append(candidate)
             if len(ports) == count:
                 return ports
