@@ -56,7 +56,7 @@ def test_operation_costs_are_given_as_multiples_of_a_bare_route() -> None:
 
 
 def test_a_zero_floor_gives_no_multiples() -> None:
-    """A bare route measured at no CPU (too few ticks) gives its figure but no division by zero."""
+    """A bare route measured at no CPU gives its figure but no division by zero."""
     floor_line = render_table(result(0.0)).splitlines()[-1]
     assert "0.000 ms of CPU per sequential call" in floor_line
     assert "x" not in floor_line.split("call")[-1]

@@ -472,7 +472,7 @@ class _Bench:
                 (NATS, via_nats),
             ]:
                 await self._expect(name, call, _PAYLOAD)
-                # The caller's own CPU from its precise per-process clock; the echo server's in ticks.
+                # The caller's CPU and the echo server's, each from its process's CPU clock.
                 caller_before = time.process_time()
                 with _cpu_seconds({"echo": self.echo.process.pid}) as used:
                     samples_ns = await _sequential(call, self.calls, self.warmup)

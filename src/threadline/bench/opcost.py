@@ -9,7 +9,7 @@ process. The client's own CPU is not counted.
 
 Work that a call causes after its answer is sent, such as a compose's events fanned out to feed
 and threads, is attributed to it by waiting, after the last call, until the system is idle again:
-until no process's CPU time has grown by more than one clock tick for `QUIET_S`, polled and given
+until no process's CPU time has grown by more than `QUIET_CPU_S` for `QUIET_S`, polled and given
 up on (and reported as not settled) after `SETTLE_DEADLINE_S`. The same wait precedes the
 first call, so that earlier work, including the warm-up's, is not counted. What the processes
 spend while idle (timers, relay polls) is counted too; it is reported per second as
@@ -17,7 +17,6 @@ spend while idle (timers, relay polls) is counted too; it is reported per second
 """
 
 import asyncio
-import os
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +31,7 @@ from yarl import URL
 from threadline.bench.loadgen import MachineTimes, Request, RequestSource, cpu_seconds
 
 __all__ = [
+    "QUIET_CPU_S",
     "QUIET_S",
     "SETTLE_DEADLINE_S",
     "TARGET_CPU_MS_PER_CALL",
@@ -48,7 +48,8 @@ TARGET_CPU_MS_PER_CALL: dict[str, dict[str, float]] = {"monolith": {"feed": 0.5,
 QUIET_S = 0.5
 SETTLE_DEADLINE_S = 30.0
 POLL_S = 0.05
-CLOCK_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+# An idle process still spends a little (timers, relay polls): a few ms a second.
+QUIET_CPU_S = 0.015
 MAX_DRAWS_PER_CALL = 200
 
 
@@ -291,7 +292,7 @@ class _Idle:
 
 
 async def wait_until_idle(processes: Mapping[str, psutil.Process]) -> _Idle:
-    """Poll until no process's CPU time has grown by more than a clock tick for `QUIET_S`.
+    """Poll until no process's CPU time has grown by more than `QUIET_CPU_S` for `QUIET_S`.
 
     Gives up after `SETTLE_DEADLINE_S`. `waited_s` leaves out the quiet stretch itself, `cpu_s`
     is the reading at its end, and `quiet_cpu_s` what all processes spent during it.
@@ -301,7 +302,7 @@ async def wait_until_idle(processes: Mapping[str, psutil.Process]) -> _Idle:
     while True:
         await asyncio.sleep(POLL_S)
         now, readings = time.monotonic(), cpu_seconds(processes)
-        if any(readings[name] - quiet_from[name] > 1.5 * CLOCK_TICK_S for name in processes):
+        if any(readings[name] - quiet_from[name] > QUIET_CPU_S for name in processes):
             quiet_since, quiet_from = now, readings
         elif now - quiet_since >= QUIET_S:
             quiet_cpu_s = sum(readings[name] - quiet_from[name] for name in processes)
