@@ -856,3 +856,34 @@ async def test_reads_proceed_while_a_write_transaction_is_open(db: Database) -> 
         await conn.execute(notes_table.insert().values(id=new_id(), body="uncommitted"))
         assert await asyncio.wait_for(count(db, notes_table), 5) == 1
     assert await count(db, notes_table) == 2
+
+
+def deleted_files_open() -> set[str]:
+    """What this process holds open that has no name any more (SQLite unlinks its temporary files)."""
+    fds = Path("/proc/self/fd")
+    found = set()
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            target = str(fd.readlink())
+            if target.endswith(" (deleted)"):
+                found.add(target)
+    return found
+
+
+async def test_a_statement_changing_many_rows_in_a_transaction_opens_no_temporary_file(
+    tmp_path: Path, migrations: Migrations
+) -> None:
+    """The journal that lets one statement be undone stays in memory (SQLite spills it past 64 KiB)."""
+    database = Database(f"sqlite:///{tmp_path / 'notes.db'}")
+    await database.open([migrations])
+    try:
+        async with database.write() as conn:
+            rows = [{"id": new_id(), "body": "x" * 1000} for _ in range(400)]
+            await conn.execute(notes_table.insert(), rows)
+        before = deleted_files_open()
+        async with database.write() as conn:
+            await conn.execute(notes_table.update().values(body="y" * 1000))
+            assert deleted_files_open() - before == set()
+        assert await count(database, notes_table) == 400
+    finally:
+        await database.close()
