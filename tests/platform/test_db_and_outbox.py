@@ -114,6 +114,15 @@ async def db(db_url: str, migrations: Migrations) -> AsyncIterator[Database]:
     await database.close()
 
 
+@pytest.fixture
+async def sqlite_db(tmp_path: Path, migrations: Migrations) -> AsyncIterator[Database]:
+    """SQLite through the standard driver on the loop only, for what that path alone does."""
+    database = Database(f"sqlite:///{tmp_path / 'notes.db'}")
+    await database.open([migrations])
+    yield database
+    await database.close()
+
+
 async def add_note(db: Database, body: str, *, note_id: str | None = None) -> Event:
     """One write transaction: a note and its event."""
     note_id = note_id or new_id()
@@ -741,23 +750,16 @@ async def test_an_update_command_binds_lists_times_and_expressions(db: Database)
     ]
 
 
-async def test_a_command_run_for_many_rows_refuses_lists_of_different_lengths(
-    tmp_path: Path, migrations: Migrations
-) -> None:
+async def test_a_command_run_for_many_rows_refuses_lists_of_different_lengths(sqlite_db: Database) -> None:
     """Each length of a list is its own statement: one run for many rows cannot mix them."""
-    db = Database(f"sqlite:///{tmp_path / 'lists.db'}")
-    await db.open([migrations])
-    try:
-        await insert_dated_notes(db, 2)
-        rows = [
-            {"ids": ["a"], "at": utcnow(), "suffix": "!"},
-            {"ids": ["a", "b"], "at": utcnow(), "suffix": "!"},
-        ]
-        with pytest.raises(ValueError, match="same length"):
-            async with db.write() as conn:
-                await conn.run_many(NOTE_REDATE, rows)
-    finally:
-        await db.close()
+    await insert_dated_notes(sqlite_db, 2)
+    rows = [
+        {"ids": ["a"], "at": utcnow(), "suffix": "!"},
+        {"ids": ["a", "b"], "at": utcnow(), "suffix": "!"},
+    ]
+    with pytest.raises(ValueError, match="same length"):
+        async with sqlite_db.write() as conn:
+            await conn.run_many(NOTE_REDATE, rows)
 
 
 DATED_NOTE_COPIES = InsertIgnoringConflicts(
@@ -871,19 +873,14 @@ def deleted_files_open() -> set[str]:
 
 
 async def test_a_statement_changing_many_rows_in_a_transaction_opens_no_temporary_file(
-    tmp_path: Path, migrations: Migrations
+    sqlite_db: Database,
 ) -> None:
     """The journal that lets one statement be undone stays in memory (SQLite spills it past 64 KiB)."""
-    database = Database(f"sqlite:///{tmp_path / 'notes.db'}")
-    await database.open([migrations])
-    try:
-        async with database.write() as conn:
-            rows = [{"id": new_id(), "body": "x" * 1000} for _ in range(400)]
-            await conn.execute(notes_table.insert(), rows)
-        before = deleted_files_open()
-        async with database.write() as conn:
-            await conn.execute(notes_table.update().values(body="y" * 1000))
-            assert deleted_files_open() - before == set()
-        assert await count(database, notes_table) == 400
-    finally:
-        await database.close()
+    async with sqlite_db.write() as conn:
+        rows = [{"id": new_id(), "body": "x" * 1000} for _ in range(400)]
+        await conn.execute(notes_table.insert(), rows)
+    before = deleted_files_open()
+    async with sqlite_db.write() as conn:
+        await conn.execute(notes_table.update().values(body="y" * 1000))
+        assert deleted_files_open() - before == set()
+    assert await count(sqlite_db, notes_table) == 400
