@@ -884,3 +884,14 @@ async def test_a_statement_changing_many_rows_in_a_transaction_opens_no_temporar
         await conn.execute(notes_table.update().values(body="y" * 1000))
         assert deleted_files_open() - before == set()
     assert await count(sqlite_db, notes_table) == 400
+
+
+async def test_the_writer_caches_more_pages_than_a_reader(sqlite_db: Database) -> None:
+    """A fan-out's pages stay cached by the writer; readers, emptied by every commit, keep the default."""
+    cache_size = sa.text("PRAGMA cache_size")
+    async with sqlite_db.write() as conn:
+        writer_kib = -(await conn.scalar(cache_size))
+    async with sqlite_db.read() as conn:
+        reader_kib = -(await conn.scalar(cache_size))
+    assert writer_kib >= 32 * 1024
+    assert reader_kib == 2000
