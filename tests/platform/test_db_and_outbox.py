@@ -886,12 +886,24 @@ async def test_a_statement_changing_many_rows_in_a_transaction_opens_no_temporar
     assert await count(sqlite_db, notes_table) == 400
 
 
-async def test_the_writer_caches_more_pages_than_a_reader(sqlite_db: Database) -> None:
-    """A fan-out's pages stay cached by the writer; readers, emptied by every commit, keep the default."""
+async def cache_kib(database: Database) -> tuple[int, int]:
+    """The page cache of the writer and of a reader, in KiB."""
     cache_size = sa.text("PRAGMA cache_size")
-    async with sqlite_db.write() as conn:
+    async with database.write() as conn:
         writer_kib = -(await conn.scalar(cache_size))
-    async with sqlite_db.read() as conn:
+    async with database.read() as conn:
         reader_kib = -(await conn.scalar(cache_size))
-    assert writer_kib >= 32 * 1024
-    assert reader_kib == 2000
+    return writer_kib, reader_kib
+
+
+async def test_a_database_can_give_its_writer_a_larger_cache_than_its_readers(
+    tmp_path: Path, sqlite_db: Database, migrations: Migrations
+) -> None:
+    """The writer's pages stay cached; readers, emptied by every commit, keep SQLite's default."""
+    assert await cache_kib(sqlite_db) == (2000, 2000)
+    database = Database(f"sqlite:///{tmp_path / 'cached.db'}", writer_cache_mib=48)
+    await database.open([migrations])
+    try:
+        assert await cache_kib(database) == (48 * 1024, 2000)
+    finally:
+        await database.close()

@@ -217,13 +217,6 @@ class _AsyncConnection:
 
 
 _READERS_KEPT = 8
-# The writer keeps the pages it writes to cached: a fan-out inserts into the newest leaf of every
-# follower's timeline, which with SQLite's default 2 MiB cache were mostly read from the file again
-# (feed's database at 50,000 posts and 1,000 users: 63 page reads per compose, 4 with this cache;
-# -6% CPU per compose). It is the only connection that writes, so nothing else empties its cache.
-# Readers keep the default: a commit empties every other connection's cache, and emptying a large
-# one cost more than it saved (a feed read +9% with 64 MiB).
-_WRITER_CACHE_KIB = 64 * 1024
 # Every commit waits until the WAL is on the disk; a non-durable write returns to this level.
 _DURABLE_SYNCHRONOUS = "FULL"
 _BUSY_RETRY_FOR_SECONDS = 10.0
@@ -250,8 +243,9 @@ class _SqliteOnLoop:
     never wait for a writer.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, writer_cache_mib: int | None) -> None:
         self._url = url
+        self._writer_cache_mib = writer_cache_mib
         self._engine: sa.Engine | None = None
         self._writer: sa.Connection | None = None
         self._idle_readers: list[sa.Connection] = []
@@ -275,7 +269,8 @@ class _SqliteOnLoop:
         # The writer never waits inside SQLite for another process's lock: that would block the
         # loop. `_begin_immediate` retries instead.
         self._writer.exec_driver_sql("PRAGMA busy_timeout=0")
-        self._writer.exec_driver_sql(f"PRAGMA cache_size=-{_WRITER_CACHE_KIB}")
+        if self._writer_cache_mib is not None:
+            self._writer.exec_driver_sql(f"PRAGMA cache_size=-{self._writer_cache_mib * 1024}")
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-commit")
 
     async def close(self) -> None:
@@ -438,10 +433,19 @@ class Database:
     statement dominated a request); any SQLAlchemy asyncio URL goes through its async driver.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, writer_cache_mib: int | None = None) -> None:
+        """`writer_cache_mib`: the page cache of the connection that writes (SQLite on the loop only).
+
+        The writer is the only connection that changes the file, so its cache stays valid; a
+        service whose writes land all over its file can keep those pages cached. Readers keep
+        SQLite's 2 MiB: every commit empties the cache of every other connection, and emptying a
+        large one cost more than it saved (a feed read +9% with 64 MiB).
+        """
         self.url = url
         self._events_committed_hooks: list[Callable[[], None]] = []
-        self._engine: _Engine = _SqliteOnLoop(url) if url.startswith("sqlite:") else _AsyncEngine(url)
+        self._engine: _Engine = (
+            _SqliteOnLoop(url, writer_cache_mib) if url.startswith("sqlite:") else _AsyncEngine(url)
+        )
         self._open = False
 
     async def open(self, migrations: Sequence[Migrations]) -> None:

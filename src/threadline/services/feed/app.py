@@ -15,7 +15,10 @@ __all__ = ["build"]
 
 def build(settings: Settings, *, posts: PostsApi) -> Component:
     """Build the feed service from settings and the posts adapter it reads and back-fills from."""
-    database = Database(settings.database_url(SERVICE))
+    # A fan-out writes into the newest page of every follower's timeline, all over the file: with
+    # SQLite's 2 MiB cache most of those pages were read from the file again (at 1,000 users and
+    # 50,000 posts, 63 page reads per post; 4 with 64 MiB, and 6% less CPU per compose).
+    database = Database(settings.database_url(SERVICE), writer_cache_mib=64)
     service = FeedService(SqlFeedStore(database), posts)
     return Component(
         name=SERVICE,
