@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
         "--rates",
         type=_rates,
         default=None,
-        help="offered rates in requests/s, comma-separated (default: 12 steps from 25 to 1200)",
+        help="offered rates in requests/s, comma-separated (default: 12 steps from 25 to 1200, then "
+        "rising by a quarter a step until one is not sustained)",
     )
     bench.add_argument(
         "--refine",
@@ -187,6 +188,7 @@ def _bench(args: argparse.Namespace) -> int:
     )
     if args.rates is not None:
         config.rates = args.rates
+        config.climb_past_rates = False
     if args.refine is not None:
         config.refine_steps = args.refine
     run_bench(config)

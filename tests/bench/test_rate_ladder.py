@@ -3,12 +3,14 @@
 from threadline.bench.compare import RateLadder, render_table
 
 
-def climb(rates: list[float], limit: float, *, refine: int, slow_moments: int = 0) -> list[float]:
+def climb(
+    rates: list[float], limit: float, *, refine: int, slow_moments: int = 0, climb_past_rates: bool = False
+) -> list[float]:
     """The rates a ladder has measured, in order, against a fake system sustaining rates up to `limit`.
 
     The first `slow_moments` steps fail whatever their rate, as a step does when the machine stalls.
     """
-    ladder = RateLadder(rates, refine=refine)
+    ladder = RateLadder(rates, refine=refine, climb_past_rates=climb_past_rates)
     measured: list[float] = []
     while (rate := ladder.next_rate()) is not None:
         measured.append(rate)
@@ -19,6 +21,17 @@ def climb(rates: list[float], limit: float, *, refine: int, slow_moments: int = 
 def test_rates_all_sustained_are_each_measured_once_and_not_refined() -> None:
     """No unsustainable rate: nothing to narrow down."""
     assert climb([25, 50, 100], 5000, refine=2) == [25, 50, 100]
+
+
+def test_a_ladder_told_to_climb_on_rises_by_a_quarter_past_its_rates_until_one_is_not_sustained() -> None:
+    """Every rate given held: 250, 310 (312.5 to the nearest ten), 390, then 490, which fails twice."""
+    assert climb([100, 200], 390, refine=0, climb_past_rates=True) == [100, 200, 250, 310, 390, 490, 490]
+    assert climb([100, 200], 390, refine=1, climb_past_rates=True)[-1] == 440
+
+
+def test_climbing_on_stops_at_the_ceiling() -> None:
+    """A system that sustains anything is offered the ceiling, and no more."""
+    assert climb([40_000], float("inf"), refine=2, climb_past_rates=True) == [40_000, 50_000]
 
 
 def test_halfway_rates_narrow_the_gap() -> None:
@@ -77,3 +90,15 @@ def test_the_table_names_the_lowest_rate_that_was_not_sustained() -> None:
     }
     table = render_table({"config": {"p99_bound_ms": 200.0}, "topologies": [topology]})
     assert "max sustainable 900 req/s (p99 <= 200 ms, 950 was not)" in table
+
+
+def test_the_table_says_when_a_maximum_is_only_the_highest_rate_offered() -> None:
+    """A topology that sustained every rate has no measured maximum, and the ratio says so."""
+    steps: list[dict[str, object]] = []
+    monolith = {"topology": "monolith", "max_sustainable_rate": 1200, "lowest_unsustainable_rate": None}
+    micro = {"topology": "microservices", "max_sustainable_rate": 900, "lowest_unsustainable_rate": 1000}
+    topologies = [{**topo, "processes": [topo["topology"]], "steps": steps} for topo in (monolith, micro)]
+    table = render_table({"config": {"p99_bound_ms": 200.0}, "topologies": topologies})
+    assert "max sustainable 1200 req/s (p99 <= 200 ms, the highest rate offered)" in table
+    assert "max sustainable 900 req/s (p99 <= 200 ms, 1000 was not)" in table
+    assert "throughput: 0.75 (monolith sustained every rate offered: not a measured maximum)" in table
