@@ -23,6 +23,7 @@ from threadline.platform.db import (
     Query,
     Transaction,
     UtcDateTime,
+    WriterSettings,
     insert_ignoring_conflicts,
     outbox_table,
     page_of,
@@ -901,9 +902,38 @@ async def test_a_database_can_give_its_writer_a_larger_cache_than_its_readers(
 ) -> None:
     """The writer's pages stay cached; readers, emptied by every commit, keep SQLite's default."""
     assert await cache_kib(sqlite_db) == (2000, 2000)
-    database = Database(f"sqlite:///{tmp_path / 'cached.db'}", writer_cache_mib=48)
+    database = Database(f"sqlite:///{tmp_path / 'cached.db'}", writer=WriterSettings(cache_mib=48))
     await database.open([migrations])
     try:
         assert await cache_kib(database) == (48 * 1024, 2000)
+    finally:
+        await database.close()
+
+
+def wal_pages(database: Database) -> int:
+    """How many pages the database's WAL file holds."""
+    return Path(f"{sa.make_url(database.url).database}-wal").stat().st_size // 4096
+
+
+async def wal_pages_after_writing(database: Database, pages: int) -> int:
+    """Write about `pages` pages of notes, 50 per transaction; how many pages the WAL file then holds."""
+    for _ in range(pages // 50):
+        async with database.write() as conn:
+            rows = [{"id": new_id(), "body": "x" * 3500} for _ in range(50)]
+            await conn.execute(notes_table.insert(), rows)
+    return wal_pages(database)
+
+
+async def test_a_database_can_checkpoint_its_wal_less_often(
+    tmp_path: Path, sqlite_db: Database, migrations: Migrations
+) -> None:
+    """SQLite copies the WAL back into the file every 1,000 pages; a database may let it grow longer."""
+    assert await wal_pages_after_writing(sqlite_db, 2500) < 1200
+    database = Database(
+        f"sqlite:///{tmp_path / 'longer.db'}", writer=WriterSettings(checkpoint_after_pages=5000)
+    )
+    await database.open([migrations])
+    try:
+        assert await wal_pages_after_writing(database, 2500) > 2000
     finally:
         await database.close()

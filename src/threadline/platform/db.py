@@ -12,6 +12,7 @@ from collections import namedtuple
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeAlias, TypeVar, cast
@@ -40,6 +41,7 @@ __all__ = [
     "SqlStore",
     "Transaction",
     "UtcDateTime",
+    "WriterSettings",
     "add_to_counter",
     "insert_ignoring_conflicts",
     "insert_many_ignoring_conflicts",
@@ -217,6 +219,38 @@ class _AsyncConnection:
 
 
 _READERS_KEPT = 8
+
+
+@dataclass(frozen=True)
+class WriterSettings:
+    """How a database's one writing connection is set up (SQLite through the standard driver only).
+
+    The writer is the only connection that changes the file, so what it caches stays valid; a
+    service whose writes land all over its file can keep those pages cached and copy them back
+    from the WAL less often. Readers keep SQLite's defaults: every commit empties the cache of
+    every other connection, and emptying a large one cost more than it saved (a feed read +9%
+    with 64 MiB).
+    """
+
+    cache_mib: int | None = None
+    """The writer's page cache (SQLite's default: 2 MiB)."""
+
+    checkpoint_after_pages: int | None = None
+    """How many pages the WAL holds before a commit copies them back into the file (default 1,000).
+
+    A page written many times in between is copied once; readers look pages up in a longer WAL.
+    """
+
+    def pragmas(self) -> list[str]:
+        """The PRAGMA statements that apply these settings."""
+        found = []
+        if self.cache_mib is not None:
+            found.append(f"PRAGMA cache_size=-{self.cache_mib * 1024}")
+        if self.checkpoint_after_pages is not None:
+            found.append(f"PRAGMA wal_autocheckpoint={self.checkpoint_after_pages}")
+        return found
+
+
 # Every commit waits until the WAL is on the disk; a non-durable write returns to this level.
 _DURABLE_SYNCHRONOUS = "FULL"
 _BUSY_RETRY_FOR_SECONDS = 10.0
@@ -243,9 +277,9 @@ class _SqliteOnLoop:
     never wait for a writer.
     """
 
-    def __init__(self, url: str, writer_cache_mib: int | None) -> None:
+    def __init__(self, url: str, writer_settings: WriterSettings) -> None:
         self._url = url
-        self._writer_cache_mib = writer_cache_mib
+        self._writer_settings = writer_settings
         self._engine: sa.Engine | None = None
         self._writer: sa.Connection | None = None
         self._idle_readers: list[sa.Connection] = []
@@ -269,8 +303,8 @@ class _SqliteOnLoop:
         # The writer never waits inside SQLite for another process's lock: that would block the
         # loop. `_begin_immediate` retries instead.
         self._writer.exec_driver_sql("PRAGMA busy_timeout=0")
-        if self._writer_cache_mib is not None:
-            self._writer.exec_driver_sql(f"PRAGMA cache_size=-{self._writer_cache_mib * 1024}")
+        for pragma in self._writer_settings.pragmas():
+            self._writer.exec_driver_sql(pragma)
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-commit")
 
     async def close(self) -> None:
@@ -433,19 +467,10 @@ class Database:
     statement dominated a request); any SQLAlchemy asyncio URL goes through its async driver.
     """
 
-    def __init__(self, url: str, *, writer_cache_mib: int | None = None) -> None:
-        """`writer_cache_mib`: the page cache of the connection that writes (SQLite on the loop only).
-
-        The writer is the only connection that changes the file, so its cache stays valid; a
-        service whose writes land all over its file can keep those pages cached. Readers keep
-        SQLite's 2 MiB: every commit empties the cache of every other connection, and emptying a
-        large one cost more than it saved (a feed read +9% with 64 MiB).
-        """
+    def __init__(self, url: str, *, writer: WriterSettings = WriterSettings()) -> None:
         self.url = url
         self._events_committed_hooks: list[Callable[[], None]] = []
-        self._engine: _Engine = (
-            _SqliteOnLoop(url, writer_cache_mib) if url.startswith("sqlite:") else _AsyncEngine(url)
-        )
+        self._engine: _Engine = _SqliteOnLoop(url, writer) if url.startswith("sqlite:") else _AsyncEngine(url)
         self._open = False
 
     async def open(self, migrations: Sequence[Migrations]) -> None:
