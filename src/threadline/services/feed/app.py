@@ -19,7 +19,7 @@ def build(settings: Settings, *, posts: PostsApi) -> Component:
     # SQLite's 2 MiB cache most of those pages were read from the file again (at 1,000 users and
     # 50,000 posts, 63 page reads per post; 4 with 64 MiB: -6% CPU per compose). With checkpoints
     # every 1,000 WAL pages, 33 pages per post were copied back into the file; 18 with 10,000,
-    # as more of them were written more than once in between (-13% CPU per compose, feed reads
+    # as more of them were written more than once in between (-6 to -14% CPU per compose, feed reads
     # unchanged; the WAL file grows to about 40 MB).
     database = Database(
         settings.database_url(SERVICE), writer=WriterSettings(cache_mib=64, checkpoint_after_pages=10_000)
