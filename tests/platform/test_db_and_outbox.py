@@ -115,13 +115,24 @@ async def db(db_url: str, migrations: Migrations) -> AsyncIterator[Database]:
     await database.close()
 
 
+@contextlib.asynccontextmanager
+async def opened_sqlite(
+    path: Path, migrations: Migrations, writer: WriterSettings
+) -> AsyncIterator[Database]:
+    """A database on SQLite through the standard driver, open for the block."""
+    database = Database(f"sqlite:///{path}", writer=writer)
+    await database.open([migrations])
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
 @pytest.fixture
 async def sqlite_db(tmp_path: Path, migrations: Migrations) -> AsyncIterator[Database]:
     """SQLite through the standard driver on the loop only, for what that path alone does."""
-    database = Database(f"sqlite:///{tmp_path / 'notes.db'}")
-    await database.open([migrations])
-    yield database
-    await database.close()
+    async with opened_sqlite(tmp_path / "notes.db", migrations, WriterSettings()) as database:
+        yield database
 
 
 async def add_note(db: Database, body: str, *, note_id: str | None = None) -> Event:
@@ -902,12 +913,9 @@ async def test_a_database_can_give_its_writer_a_larger_cache_than_its_readers(
 ) -> None:
     """The writer's pages stay cached; readers, emptied by every commit, keep SQLite's default."""
     assert await cache_kib(sqlite_db) == (2000, 2000)
-    database = Database(f"sqlite:///{tmp_path / 'cached.db'}", writer=WriterSettings(cache_mib=48))
-    await database.open([migrations])
-    try:
+    writer = WriterSettings(cache_mib=48)
+    async with opened_sqlite(tmp_path / "cached.db", migrations, writer) as database:
         assert await cache_kib(database) == (48 * 1024, 2000)
-    finally:
-        await database.close()
 
 
 def wal_pages(database: Database) -> int:
@@ -929,11 +937,6 @@ async def test_a_database_can_checkpoint_its_wal_less_often(
 ) -> None:
     """SQLite copies the WAL back into the file every 1,000 pages; a database may let it grow longer."""
     assert await wal_pages_after_writing(sqlite_db, 2500) < 1200
-    database = Database(
-        f"sqlite:///{tmp_path / 'longer.db'}", writer=WriterSettings(checkpoint_after_pages=5000)
-    )
-    await database.open([migrations])
-    try:
+    writer = WriterSettings(checkpoint_after_pages=5000)
+    async with opened_sqlite(tmp_path / "longer.db", migrations, writer) as database:
         assert await wal_pages_after_writing(database, 2500) > 2000
-    finally:
-        await database.close()
