@@ -123,6 +123,13 @@ def _parser() -> argparse.ArgumentParser:
         "--op-calls", type=int, default=500, help="calls per operation kind for CPU per operation (0 skips)"
     )
     bench.add_argument(
+        "--op-rounds",
+        type=_positive,
+        default=None,
+        help="rounds the calls per operation kind are made in, the kinds taking turns; "
+        "the table gives the rounds' range (default 5)",
+    )
+    bench.add_argument(
         "--scale-posts",
         type=_count,
         default=0,
@@ -191,6 +198,15 @@ def _bench(args: argparse.Namespace) -> int:
         config.climb_past_rates = False
     if args.refine is not None:
         config.refine_steps = args.refine
+    if args.op_rounds is not None:
+        config.op_rounds = args.op_rounds
+    if 0 < config.op_calls < config.op_rounds:
+        print(
+            f"threadline bench: --op-calls {config.op_calls} cannot be split into {config.op_rounds} rounds; "
+            "give at least as many calls as rounds, or fewer --op-rounds",
+            file=sys.stderr,
+        )
+        return 2
     run_bench(config)
     return 0
 

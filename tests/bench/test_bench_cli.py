@@ -3,10 +3,13 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from threadline.cli import main
 
 # CPU time is read in nanoseconds, so a few dozen calls of each kind give it a reading.
 OP_CALLS = 30
+OP_ROUNDS = 2
 
 
 def test_bench_runs_both_topologies_and_writes_json_and_png(tmp_path: Path) -> None:
@@ -22,6 +25,7 @@ def test_bench_runs_both_topologies_and_writes_json_and_png(tmp_path: Path) -> N
             "--p99-bound", "5000",
             "--micro-calls", "0",
             "--op-calls", str(OP_CALLS),
+            "--op-rounds", str(OP_ROUNDS),
             "--out", str(tmp_path),
         ]
     )  # fmt: skip
@@ -55,6 +59,7 @@ def test_bench_runs_both_topologies_and_writes_json_and_png(tmp_path: Path) -> N
         assert set(costs) == {"feed", "author_posts", "compose", "thread"}
         for cost in costs.values():
             assert cost["calls"] == OP_CALLS
+            assert len(cost["cpu_ms_per_call_by_round"]) == OP_ROUNDS
             assert cost["errors"] == 0
             assert cost["cpu_ms_per_call"] > 0
             assert set(cost["cpu_ms_by_process"]) == set(topology["processes"]) | extra
@@ -65,3 +70,9 @@ def test_bench_runs_both_topologies_and_writes_json_and_png(tmp_path: Path) -> N
     png = (tmp_path / "latency.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     assert len(png) > 10_000
+
+
+def test_bench_refuses_fewer_operation_calls_than_rounds(capsys: pytest.CaptureFixture[str]) -> None:
+    """A round without calls would measure nothing: the command says what to change, starting nothing."""
+    assert main(["bench", "--op-calls", "3", "--op-rounds", "4"]) == 2
+    assert "--op-calls 3 cannot be split into 4 rounds" in capsys.readouterr().err

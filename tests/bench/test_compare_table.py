@@ -68,5 +68,19 @@ def test_each_operation_shows_the_share_of_time_the_host_lent_away() -> None:
     run["topologies"][0]["operation_cost"]["feed"]["stolen_share"] = 0.123
     lines = render_table(run).splitlines()
     assert "stolen" in next(line for line in lines if line.strip().startswith("kind"))
-    assert next(line for line in lines if line.strip().startswith("feed")).split()[4] == "12.3%"
-    assert next(line for line in lines if line.strip().startswith("compose")).split()[4] == "-"
+    assert next(line for line in lines if line.strip().startswith("feed")).split()[5] == "12.3%"
+    assert next(line for line in lines if line.strip().startswith("compose")).split()[5] == "-"
+
+
+def test_each_operation_shows_the_range_of_its_rounds() -> None:
+    """The rounds column gives the lowest and highest round, or a dash for a single round."""
+    run = result(0.3)
+    run["topologies"][0]["operation_cost"]["feed"]["cpu_ms_per_call_by_round"] = [1.25, 1.1, 1.31]
+    run["topologies"][0]["operation_cost"]["compose"]["cpu_ms_per_call_by_round"] = [3.0]
+    lines = render_table(run).splitlines()
+    assert "100 sequential calls per kind in 3 rounds" in next(
+        line for line in lines if "operation cost" in line
+    )
+    assert "rounds" in next(line for line in lines if line.strip().startswith("kind"))
+    assert next(line for line in lines if line.strip().startswith("feed")).split()[2] == "1.10-1.31"
+    assert next(line for line in lines if line.strip().startswith("compose")).split()[2] == "-"

@@ -60,6 +60,9 @@ RATE_RESOLUTION = 10.0
 # before, up to the ceiling: a machine four times faster than the one the defaults were chosen on
 # sustained all of them in both topologies, which said nothing about either's maximum.
 CLIMB_FACTOR = 1.25
+# CPU per operation is measured in rounds, the kinds taking turns: one slow stretch of the machine
+# shows as one round apart from the others (their spread is reported) instead of moving one kind.
+OP_ROUNDS = 5
 RATE_CEILING = 50_000.0
 
 
@@ -81,6 +84,7 @@ class BenchConfig:
     out_dir: Path = Path("bench/results")
     micro_calls: int = 5000
     op_calls: int = 500
+    op_rounds: int = OP_ROUNDS
     scale_posts: int = 0
     scale_calls: int = FEED_CALLS
     host: str = "127.0.0.1"
@@ -200,6 +204,7 @@ def run_bench(config: BenchConfig, progress: Progress = print) -> dict[str, Any]
             "thread_reads": config.thread_reads,
             "seed": config.seed,
             "op_calls": config.op_calls,
+            "op_rounds": config.op_rounds,
             "scale_posts": config.scale_posts,
             "scale_calls": config.scale_calls,
         },
@@ -389,7 +394,10 @@ def _measure_operation_costs(contender: _Contender, config: BenchConfig, progres
     if config.op_calls <= 0:
         return
     name = contender.name
-    progress(f"==> {name}: CPU per operation, {config.op_calls} sequential calls of each kind")
+    progress(
+        f"==> {name}: CPU per operation, {config.op_calls} sequential calls of each kind "
+        f"in {config.op_rounds} rounds"
+    )
     began = time.monotonic()
     contender.operation_cost = uvloop.run(
         measure_operation_costs(
@@ -397,6 +405,7 @@ def _measure_operation_costs(contender: _Contender, config: BenchConfig, progres
             contender.processes,
             social_mix(contender.dataset, thread_reads=True),
             calls=config.op_calls,
+            rounds=config.op_rounds,
             seed=config.seed,
             progress=progress,
             label=name,
@@ -541,20 +550,23 @@ def _operation_cost_lines(costs: dict[str, Any], targets: dict[str, float]) -> l
     if not costs:
         return []
     calls = ", ".join(sorted({str(cost["calls"]) for cost in costs.values()}))
+    rounds = max(len(cost.get("cpu_ms_per_call_by_round", [])) for cost in costs.values())
+    in_rounds = f" in {rounds} rounds" if rounds > 1 else ""
     lines = [
-        f"  operation cost: {calls} sequential calls per kind, CPU of every process per call "
+        f"  operation cost: {calls} sequential calls per kind{in_rounds}, CPU of every process per call "
         "(asynchronous work included)",
     ]
     split_by_process = any(len(cost["cpu_ms_by_process"]) > 1 for cost in costs.values())
-    header = f"  {'kind':<13} {'cpu ms/call':>11} {'wall ms/call':>12} {'errors':>6} {'stolen':>6}  "
-    header += f"{'target':<22} "
+    header = f"  {'kind':<13} {'cpu ms/call':>11} {'rounds':>11} {'wall ms/call':>12} "
+    header += f"{'errors':>6} {'stolen':>6}  {'target':<22} "
     lines.append((header + ("cpu ms/call by process" if split_by_process else "")).rstrip())
     for kind, cost in costs.items():
         split = cost["cpu_ms_by_process"]
         by_process = ", ".join(f"{k} {v:.3f}" for k, v in split.items()) if len(split) > 1 else ""
+        spread = _spread(cost.get("cpu_ms_per_call_by_round", []))
         row = (
-            f"  {kind:<13} {cost['cpu_ms_per_call']:>11.3f} {cost['wall_ms_per_call']:>12.2f} "
-            f"{cost['errors']:>6} {_percent(cost.get('stolen_share')):>6}  "
+            f"  {kind:<13} {cost['cpu_ms_per_call']:>11.3f} {spread:>11} "
+            f"{cost['wall_ms_per_call']:>12.2f} {cost['errors']:>6} {_percent(cost.get('stolen_share')):>6}  "
             f"{_verdict(kind, cost, targets):<22} {by_process}"
         )
         lines.append(row.rstrip())
@@ -614,6 +626,13 @@ def _scale_lines(scale: dict[str, Any] | None) -> list[str]:
             f"{_or_dash(items_scaled, '.1f')} at scale, so the p50s are of unequal pages"
         )
     return lines
+
+
+def _spread(by_round: list[float]) -> str:
+    """The lowest and highest of the rounds' figures, or a dash for fewer than two rounds."""
+    if len(by_round) < 2:
+        return "-"
+    return f"{min(by_round):.2f}-{max(by_round):.2f}"
 
 
 def _percent(share: float | None) -> str:

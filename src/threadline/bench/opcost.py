@@ -2,7 +2,9 @@
 
 The request mix is drawn with a seeded generator and split by `Request.kind`. Kind by kind, one
 client sends a short warm-up and then `calls` requests of that kind, one after the other over
-one keep-alive connection, so nothing else runs in the system meanwhile. The cost of a kind is
+one keep-alive connection, so nothing else runs in the system meanwhile. The calls are made in
+`rounds`, the kinds taking turns within each, so that a stretch in which the machine ran slower
+shows up as a spread between rounds rather than silently in one kind's figure. The cost of a kind is
 the CPU time (user + system) that every process of the topology spent from just before the first
 call to the end of the work those calls caused, divided by the number of calls, and split per
 process. The client's own CPU is not counted.
@@ -71,6 +73,42 @@ class OperationCost:
     items_per_call: float | None = None
     stolen_share: float | None = None
     """Of the machine's CPU time meanwhile, the share the host gave to other machines."""
+    cpu_ms_per_call_by_round: list[float] = field(default_factory=list)
+    """The CPU per call of each round, in the order they ran."""
+
+    @classmethod
+    def of_rounds(cls, rounds: "list[OperationCost]") -> "OperationCost":
+        """The cost of every call of the rounds together, with each round's CPU per call kept."""
+        if not rounds:
+            raise ValueError("no rounds to combine")
+        first, calls = rounds[0], sum(cost.calls for cost in rounds)
+        reasons: dict[str, int] = {}
+        for cost in rounds:
+            for reason, count in cost.error_reasons.items():
+                reasons[reason] = reasons.get(reason, 0) + count
+        with_items = [cost.items_per_call for cost in rounds if cost.items_per_call is not None]
+        return cls(
+            kind=first.kind,
+            calls=calls,
+            errors=sum(cost.errors for cost in rounds),
+            cpu_s_by_process={
+                name: sum(cost.cpu_s_by_process[name] for cost in rounds) for name in first.cpu_s_by_process
+            },
+            wall_s=sum(cost.wall_s for cost in rounds),
+            settled=all(cost.settled for cost in rounds),
+            settle_s=max(cost.settle_s for cost in rounds),
+            idle_cpu_s_per_s=_mean([cost.idle_cpu_s_per_s for cost in rounds]),
+            warmup_calls=sum(cost.warmup_calls for cost in rounds),
+            warmup_errors=sum(cost.warmup_errors for cost in rounds),
+            error_reasons=reasons,
+            items_per_call=(
+                sum(cost.calls * (cost.items_per_call or 0.0) for cost in rounds) / calls
+                if len(with_items) == len(rounds)
+                else None
+            ),
+            stolen_share=_mean([cost.stolen_share for cost in rounds]),
+            cpu_ms_per_call_by_round=[cost.cpu_ms_per_call for cost in rounds],
+        )
 
     @property
     def cpu_ms_per_call(self) -> float:
@@ -101,6 +139,7 @@ class OperationCost:
             "settle_s": round(self.settle_s, 3),
             "idle_cpu_ms_per_s": None if idle is None else round(1000 * idle, 3),
             "stolen_share": None if self.stolen_share is None else round(self.stolen_share, 4),
+            "cpu_ms_per_call_by_round": [round(cpu, 4) for cpu in self.cpu_ms_per_call_by_round],
         }
 
 
@@ -127,44 +166,55 @@ async def measure_operation_costs(
     source: RequestSource,
     *,
     calls: int,
+    rounds: int = 1,
     warmup_calls: int | None = None,
     seed: int = 0,
     progress: Callable[[str], None] = print,
     label: str = "",
 ) -> dict[str, OperationCost]:
-    """The cost of `calls` sequential requests of each kind `source` produces, reads before writes."""
-    if calls < 1:
-        raise ValueError("calls must be positive")
+    """The cost of `calls` sequential requests of each kind `source` produces, in `rounds`, reads first.
+
+    Each kind is warmed up just before its first round's calls; each round's calls are measured
+    on their own, so that the result keeps every round's CPU per call beside their total.
+    """
+    if calls < 1 or rounds < 1:
+        raise ValueError("calls and rounds must be positive")
+    if calls < rounds:
+        raise ValueError(f"{calls} calls cannot be split into {rounds} rounds")
     warmup = max(5, min(50, calls // 10)) if warmup_calls is None else warmup_calls
     drawn = requests_by_kind(source, warmup + calls, seed=seed)
     # Reads go first so that they read the data set the earlier phases left, not one grown by these composes.
     kinds = sorted(drawn, key=lambda kind: drawn[kind][0].method != "GET")
     prefix = f"{label} " if label else ""
-    costs: dict[str, OperationCost] = {}
+    measured: dict[str, list[OperationCost]] = {kind: [] for kind in kinds}
     async with SequentialClient(base_url) as client:
-        for kind in kinds:
-            progress(f"    {prefix}operation cost of {kind}: {warmup} warm-up calls, then {calls} measured")
-            warmup_requests, measured_requests = drawn[kind][:warmup], drawn[kind][warmup:]
-            cost = await _measure_kind(
-                client, processes, f"{prefix}{kind}", warmup_requests, measured_requests, progress
-            )
-            costs[kind] = cost
-            unsettled = "" if cost.settled else f", NOT idle within {SETTLE_DEADLINE_S:.0f} s"
-            progress(
-                f"    {prefix}{kind}: cpu {cost.cpu_ms_per_call:.3f} ms/call  "
-                f"wall {cost.wall_ms_per_call:.2f} ms/call  errors {cost.errors}  "
-                f"(idle again {cost.settle_s:.1f} s after the last call{unsettled})"
-            )
-    return costs
+        for round_index in range(rounds):
+            in_round = f" round {round_index + 1}/{rounds}" if rounds > 1 else ""
+            for kind in kinds:
+                requests = drawn[kind][warmup:]
+                start, end = calls * round_index // rounds, calls * (round_index + 1) // rounds
+                warmup_requests = drawn[kind][:warmup] if round_index == 0 else []
+                if warmup_requests:
+                    progress(
+                        f"    {prefix}operation cost of {kind}: {warmup} warm-up calls, "
+                        f"then {calls} measured in {rounds} round{'s' if rounds > 1 else ''}"
+                    )
+                cost = await _measure_kind(client, processes, warmup_requests, requests[start:end])
+                measured[kind].append(cost)
+                unsettled = "" if cost.settled else f", NOT idle within {SETTLE_DEADLINE_S:.0f} s"
+                progress(
+                    f"    {prefix}{kind}{in_round}: cpu {cost.cpu_ms_per_call:.3f} ms/call  "
+                    f"wall {cost.wall_ms_per_call:.2f} ms/call  errors {cost.errors}  "
+                    f"(idle again {cost.settle_s:.1f} s after the last call{unsettled})"
+                )
+    return {kind: OperationCost.of_rounds(costs) for kind, costs in measured.items()}
 
 
 async def _measure_kind(
     client: "SequentialClient",
     processes: Mapping[str, psutil.Process],
-    label: str,
     warmup: list[Request],
     measured: list[Request],
-    progress: Callable[[str], None],
 ) -> OperationCost:
     warm = _Tally()
     for request in warmup:
@@ -172,11 +222,8 @@ async def _measure_kind(
     before = await wait_until_idle(processes)
     machine = MachineTimes.now()
     tally = _Tally()
-    report_every = max(1, len(measured) // 4)
-    for done, request in enumerate(measured, start=1):
+    for request in measured:
         tally.add(await client.send(request))
-        if done % report_every == 0 and done < len(measured):
-            progress(f"      {label}: {done}/{len(measured)} calls")
     after = await wait_until_idle(processes)
     stolen_share = MachineTimes.now().stolen_share_since(machine)
     quiet_s = before.quiet_s + after.quiet_s
@@ -195,6 +242,11 @@ async def _measure_kind(
         items_per_call=tally.items / len(measured) if tally.answers_with_items == len(measured) else None,
         stolen_share=stolen_share,
     )
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return sum(known) / len(known) if known else None
 
 
 @dataclass
