@@ -88,7 +88,7 @@ class Process:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
-        """Open every database (migrating it), connect the bus, start the outbox relays."""
+        """Open every database (migrating it), connect the bus, start relays and background work."""
         for component in self.components.values():
             # Said first: a migration that rebuilds a large table can take minutes.
             log.info("%s: opening its database, applying any pending migrations", component.name)
@@ -96,9 +96,11 @@ class Process:
         if self.bus is not None:
             await self.bus.start()
         self.tasks = [asyncio.create_task(relay.run()) for relay in self.relays]
+        for component in self.components.values():
+            self.tasks += [asyncio.create_task(work()) for work in component.background]
 
     async def stop(self) -> None:
-        """Stop relays, disconnect the bus, close databases and client connections."""
+        """Stop relays and background work, disconnect the bus, close databases and client connections."""
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -35,6 +35,8 @@ class FeedState(FakeState):
     deleted: set[str] = field(default_factory=set)
     # (owner_id, post_id) -> author_id
     entries: dict[tuple[str, str], str] = field(default_factory=dict)
+    # Posts waiting for their fan-out, oldest first: (post_id, author_id)
+    pending: list[tuple[str, str]] = field(default_factory=list)
 
 
 class FakeFeedTransaction(FakeTransaction[FeedState]):
@@ -56,16 +58,28 @@ class FakeFeedTransaction(FakeTransaction[FeedState]):
         self._write().follows[edge.follower_id, edge.followee_id] = edge.model_copy()
         return True
 
-    async def fan_out(self, post_id: str, author_id: str) -> None:
+    async def queue_fan_out(self, post_id: str, author_id: str) -> None:
+        """Let a post wait for its fan-out."""
+        self._write().pending.append((post_id, author_id))
+
+    def fan_out(self, post_id: str, author_id: str) -> None:
         """Put a post into its author's timeline and every current follower's, once each."""
-        owners = [author_id] + [
+        state = self._write()
+        for owner in [author_id, *self._followers(author_id)]:
+            state.entries.setdefault((owner, post_id), author_id)
+
+    def take_waiting(self, batch: int) -> list[tuple[str, str]]:
+        """Remove and give the `batch` posts that waited longest."""
+        state = self._write()
+        taken, state.pending = state.pending[:batch], state.pending[batch:]
+        return taken
+
+    def _followers(self, author_id: str) -> list[str]:
+        return [
             edge.follower_id
             for edge in self._read().follows.values()
             if edge.followee_id == author_id and edge.following
         ]
-        await self.add_entries(
-            [TimelineEntry(owner_id=owner, post_id=post_id, author_id=author_id) for owner in owners]
-        )
 
     async def keep_post(self, post: PostCopy) -> None:
         """Insert the copy, or fill in the text a stored copy lacked."""
@@ -88,6 +102,7 @@ class FakeFeedTransaction(FakeTransaction[FeedState]):
         state.deleted.add(post_id)
         state.copies.pop(post_id, None)
         state.entries = {key: author for key, author in state.entries.items() if key[1] != post_id}
+        state.pending = [waiting for waiting in state.pending if waiting[0] != post_id]
 
     async def add_entries(self, entries: list[TimelineEntry]) -> None:
         """Insert timeline entries, skipping those already there."""
@@ -107,17 +122,24 @@ class FakeFeedTransaction(FakeTransaction[FeedState]):
         }
 
     async def timeline(self, owner_id: str, page: PageRequest) -> tuple[list[str], str | None]:
-        """A page of one timeline's post ids, newest first, and the next cursor."""
-        ids = sorted(
-            (
-                post_id
-                for owner, post_id in self._read().entries
-                if owner == owner_id and (page.cursor is None or post_id < page.cursor)
-            ),
-            reverse=True,
-        )[: page.limit + 1]
+        """A page of one timeline's post ids, waiting posts included, newest first, and the next cursor."""
+        ids = [
+            post_id for post_id in self.timeline_ids(owner_id) if page.cursor is None or post_id < page.cursor
+        ]
         kept = ids[: page.limit]
         return kept, kept[-1] if len(ids) > page.limit else None
+
+    def timeline_ids(self, owner_id: str) -> list[str]:
+        """Every post id of one timeline, newest first: its entries, and waiting posts it would get."""
+        state = self._read()
+        followed = {
+            edge.followee_id
+            for edge in state.follows.values()
+            if edge.follower_id == owner_id and edge.following
+        }
+        ids = {post_id for owner, post_id in state.entries if owner == owner_id}
+        ids |= {post_id for post_id, author in state.pending if author == owner_id or author in followed}
+        return sorted(ids, reverse=True)
 
 
 class FakeFeedStore(FakeStore[FeedState, FakeFeedTransaction]):
@@ -127,8 +149,20 @@ class FakeFeedStore(FakeStore[FeedState, FakeFeedTransaction]):
         super().__init__(FeedState(), FakeFeedTransaction)
 
     def timeline_of(self, owner_id: str) -> list[str]:
-        """Every committed post id in one timeline, newest first."""
-        return sorted((post_id for owner, post_id in self.state.entries if owner == owner_id), reverse=True)
+        """Every committed post id in one timeline, waiting posts included, newest first."""
+        return FakeFeedTransaction(self.state, writable=False).timeline_ids(owner_id)
+
+    async def waiting_fan_outs(self) -> int:
+        """How many posts wait for their fan-out."""
+        return len(self.state.pending)
+
+    async def fan_out_waiting(self, batch: int) -> int:
+        """Fan out the `batch` posts that waited longest, in one transaction."""
+        async with self.write() as tx:
+            taken = tx.take_waiting(batch)
+            for post_id, author_id in taken:
+                tx.fan_out(post_id, author_id)
+        return len(taken)
 
 
 @dataclass

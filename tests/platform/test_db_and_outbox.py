@@ -3,7 +3,7 @@
 import asyncio
 import contextlib
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import ClassVar
@@ -379,6 +379,84 @@ async def test_a_write_cancelled_while_committing_leaves_the_database_usable(db:
     assert set(acknowledged) <= stored
     await add_note(db, "still writable")
     assert await count(db, notes_table) == len(stored) + 1
+
+
+# Counting to two million with a recursive query: a statement that takes a while on any database.
+LONG_STATEMENT = sa.text(
+    "WITH RECURSIVE counter(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM counter WHERE n < 2000000) "
+    "SELECT count(*) FROM counter"
+)
+
+
+async def ticks_during(work: Callable[[], Awaitable[object]]) -> int:
+    """How many times a task asking for the loop every millisecond got it while `work` ran."""
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.01)
+    try:
+        before = ticks
+        await work()
+        return ticks - before
+    finally:
+        ticker.cancel()
+
+
+async def test_an_off_loop_write_leaves_the_loop_free_during_a_long_statement(sqlite_db: Database) -> None:
+    """On SQLite through the standard driver a statement holds the loop, unless its transaction is off it."""
+    for off_loop in (False, True):
+        async with sqlite_db.write(off_loop=off_loop) as conn:
+            ticks = await ticks_during(lambda: conn.scalar(LONG_STATEMENT))
+            await conn.execute(notes_table.insert().values(id=new_id(), body=f"off loop: {off_loop}"))
+        assert (ticks > 0) is off_loop
+    assert await count(sqlite_db, notes_table) == 2
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def cancellable_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The standard SQLite driver and PostgreSQL (aiosqlite runs a cancelled statement on, lock held)."""
+    if request.param == "postgresql":
+        url: str = request.getfixturevalue("postgres_database")
+        return url
+    return f"sqlite:///{tmp_path / 'notes.db'}"
+
+
+@pytest.fixture
+async def cancellable_db(cancellable_db_url: str, migrations: Migrations) -> AsyncIterator[Database]:
+    database = Database(cancellable_db_url)
+    await database.open([migrations])
+    yield database
+    await database.close()
+
+
+async def test_an_off_loop_write_cancelled_mid_statement_rolls_back_and_wedges_nothing(
+    cancellable_db: Database,
+) -> None:
+    """Cancelled while its long statement runs, the transaction ends, changes nothing, and writes go on."""
+    db = cancellable_db
+    running = asyncio.Event()
+
+    async def long_write() -> None:
+        async with db.write(off_loop=True) as conn:
+            await conn.execute(notes_table.insert().values(id=new_id(), body="never kept"))
+            running.set()
+            await conn.scalar(LONG_STATEMENT)
+
+    task = asyncio.create_task(long_write())
+    await running.wait()
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await count(db, notes_table) == 0
+    await add_note(db, "still writable")
+    assert await count(db, notes_table) == 1
 
 
 async def test_insert_ignoring_conflicts_tells_apart_same_named_tables_of_two_services(

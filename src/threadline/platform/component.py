@@ -1,6 +1,6 @@
 """A service as a process hosts it: its application object, database, routes and event handlers."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,3 +22,5 @@ class Component:
     migrations: Sequence[Migrations]
     router: APIRouter
     handlers: Mapping[str, EventHandler] = field(default_factory=dict)
+    background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()
+    """Work that runs while the process does, started once its database is open, cancelled at stop."""

@@ -150,39 +150,60 @@ class Connection(Protocol):
 
 
 class _SyncConnection:
-    """A connection whose statements run right away on the event loop's thread.
+    """A connection whose statements run right away on the event loop's thread, or all on another one.
 
     SQLite answers from its page cache in microseconds, far less than handing each statement to
     a worker thread and back costs; only the commit, which waits for the disk, leaves the loop.
+    A transaction opened `off_loop` (one that may take long) runs every statement on `aside`, so
+    the loop keeps serving meanwhile.
     """
 
-    __slots__ = ("_conn", "_driver", "dialect", "events_emitted")
+    __slots__ = ("_aside", "_conn", "_driver", "dialect", "events_emitted")
 
-    def __init__(self, conn: sa.Connection, driver: sqlite3.Connection) -> None:
+    def __init__(
+        self, conn: sa.Connection, driver: sqlite3.Connection, aside: ThreadPoolExecutor | None = None
+    ) -> None:
         self._conn = conn
         self._driver = driver
+        self._aside = aside
         self.dialect = conn.dialect
         self.events_emitted = 0
 
     async def execute(self, statement: sa.Executable, parameters: Any = None) -> Result:
         """Run one statement."""
-        return self._conn.execute(statement, parameters)
+        if self._aside is None:
+            return self._conn.execute(statement, parameters)
+        return await _finished_on(self._aside, lambda: self._conn.execute(statement, parameters))
 
     async def scalar(self, statement: sa.Executable) -> Any:
         """The first column of the first row, or None."""
-        return self._conn.scalar(statement)
+        if self._aside is None:
+            return self._conn.scalar(statement)
+        return await _finished_on(self._aside, lambda: self._conn.scalar(statement))
 
+    # The three below are a request's hot path: each branches itself rather than through a helper.
     async def fetch(self, query: "Query", parameters: Mapping[str, Any]) -> list[Any]:
         """Every row of a prebuilt query, run on the driver itself."""
-        return query.run_on_sqlite(self._driver, self.dialect, parameters)
+        if self._aside is None:
+            return query.run_on_sqlite(self._driver, self.dialect, parameters)
+        return await _finished_on(
+            self._aside, lambda: query.run_on_sqlite(self._driver, self.dialect, parameters)
+        )
 
     async def run(self, command: "Command", parameters: Mapping[str, Any]) -> int:
         """Run a prebuilt command on the driver itself."""
-        return command.run_on_sqlite(self._driver, self.dialect, [parameters])
+        if self._aside is None:
+            return command.run_on_sqlite(self._driver, self.dialect, [parameters])
+        return await _finished_on(
+            self._aside, lambda: command.run_on_sqlite(self._driver, self.dialect, [parameters])
+        )
 
     async def run_many(self, command: "Command", rows: Sequence[Mapping[str, Any]]) -> None:
         """Run a prebuilt command once per parameter set, on the driver itself."""
-        command.run_on_sqlite(self._driver, self.dialect, rows)
+        if self._aside is None:
+            command.run_on_sqlite(self._driver, self.dialect, rows)
+            return
+        await _finished_on(self._aside, lambda: command.run_on_sqlite(self._driver, self.dialect, rows))
 
 
 class _AsyncConnection:
@@ -262,7 +283,7 @@ class _Engine(Protocol):
     async def close(self) -> None: ...
 
     def write(
-        self, *, durable: bool = True
+        self, *, durable: bool = True, off_loop: bool = False
     ) -> AbstractAsyncContextManager[_SyncConnection | _AsyncConnection]: ...
 
     def read(self) -> AbstractAsyncContextManager[_SyncConnection | _AsyncConnection]: ...
@@ -321,7 +342,7 @@ class _SqliteOnLoop:
             self._engine = None
 
     @asynccontextmanager
-    async def write(self, *, durable: bool = True) -> AsyncIterator[_SyncConnection]:
+    async def write(self, *, durable: bool = True, off_loop: bool = False) -> AsyncIterator[_SyncConnection]:
         async with self._write_lock:
             if self._writer is None or self._committer is None:
                 raise RuntimeError("database is not open")
@@ -333,7 +354,7 @@ class _SqliteOnLoop:
                 driver.execute("PRAGMA synchronous=NORMAL")
             try:
                 await _begin_immediate(driver)
-                conn = _SyncConnection(self._writer, driver)
+                conn = _SyncConnection(self._writer, driver, self._committer if off_loop else None)
                 try:
                     yield conn
                 except BaseException:
@@ -391,25 +412,34 @@ async def _begin_immediate(driver: sqlite3.Connection) -> None:
 
 
 async def _commit_on(committer: ThreadPoolExecutor, driver: sqlite3.Connection) -> None:
-    """Commit in the committer thread; if the caller is cancelled meanwhile, still wait for it to end.
+    """Commit in the committer thread; roll back if the commit fails."""
+    try:
+        await _finished_on(committer, driver.commit)
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        driver.rollback()
+        raise
 
-    The connection must not be used again (nor the write lock released) while its commit runs.
+
+async def _finished_on(executor: ThreadPoolExecutor, work: Callable[[], T]) -> T:
+    """Run `work` on `executor`; if the caller is cancelled meanwhile, still wait for it to end.
+
+    The connection `work` uses must not be used again (nor the write lock released) while it runs.
     """
-    pending = asyncio.get_running_loop().run_in_executor(committer, driver.commit)
+    pending = asyncio.get_running_loop().run_in_executor(executor, work)
     cancelled = False
     while True:
         try:
-            await asyncio.shield(pending)
+            result = await asyncio.shield(pending)
             break
         except asyncio.CancelledError:
             if pending.done():
                 raise
             cancelled = True
-        except BaseException:
-            driver.rollback()
-            raise
     if cancelled:
         raise asyncio.CancelledError
+    return result
 
 
 class _AsyncEngine:
@@ -440,7 +470,8 @@ class _AsyncEngine:
         self._writer = self._reader = None
 
     @asynccontextmanager
-    async def write(self, *, durable: bool = True) -> AsyncIterator[_AsyncConnection]:
+    async def write(self, *, durable: bool = True, off_loop: bool = False) -> AsyncIterator[_AsyncConnection]:
+        # Its driver never blocks the loop: `off_loop` changes nothing here.
         if self._writer is None:
             raise RuntimeError("database is not open")
         async with contextlib.AsyncExitStack() as stack:
@@ -488,13 +519,15 @@ class Database:
         self._events_committed_hooks.append(hook)
 
     @asynccontextmanager
-    async def write(self, *, durable: bool = True) -> AsyncIterator[Connection]:
+    async def write(self, *, durable: bool = True, off_loop: bool = False) -> AsyncIterator[Connection]:
         """A write transaction: committed when the block ends, rolled back if it raises.
 
         A commit that is not `durable` returns before the disk has it: it survives the process
         crashing but may be lost with the machine. Only for bookkeeping whose loss is harmless.
+        A transaction that may take long (hundreds of milliseconds) asks for `off_loop`: with SQLite,
+        whose statements otherwise run on the event loop's thread, they then run on another.
         """
-        async with self._engine.write(durable=durable) as conn:
+        async with self._engine.write(durable=durable, off_loop=off_loop) as conn:
             yield conn
         if conn.events_emitted:
             for hook in self._events_committed_hooks:

@@ -1,11 +1,15 @@
 """The feed application layer over a fake store and a fake posts API: fan-out, back-fill, degraded reads."""
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 
 from tests.fakes.feed import FakeFeedStore, FakePosts
 from tests.fakes.identities import identity
+from tests.support.polling import eventually
 from threadline.platform.errors import InvalidRequest, ServiceUnavailable
 from threadline.platform.ids import new_id
 from threadline.platform.pagination import PageRequest
@@ -131,6 +135,8 @@ async def test_follow_backfills_the_followees_recent_posts(
     """user.followed copies the followee's newest posts (up to the back-fill size) to the follower."""
     service = FeedService(store, posts, backfill=2)
     made = [await publish(service, posts, ada, str(i)) for i in range(3)]
+    # Posts still waiting for their fan-out would reach bob with it: these have gone out.
+    assert await store.fan_out_waiting(10) == 3
 
     await follow(service, bob, ada)
 
@@ -356,6 +362,93 @@ async def test_backfilled_subscriber_post_copy_never_leaks_text(
     assert [(p.locked, p.text) for p in as_ada] == [(False, "secret")]
 
 
+# --- fanning out in batches ---------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def fanning_out(service: FeedService) -> AsyncIterator[None]:
+    """Run the service's background fan-out for the block, then stop it."""
+    task = asyncio.create_task(service.keep_fanning_out())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_full_batch_is_fanned_out_without_waiting_for_a_pause(
+    store: FakeFeedStore, posts: FakePosts, ada: Identity, bob: Identity
+) -> None:
+    """The batch's last post sets off its fan-out at once; posts short of a batch keep waiting."""
+    service = FeedService(store, posts, fan_out_batch=3, fan_out_after_pause_s=3600)
+    await follow(service, bob, ada)
+    async with fanning_out(service):
+        made = [await publish(service, posts, ada, str(i)) for i in range(4)]
+
+        async def only_the_last_waits() -> None:
+            assert [post_id for post_id, _ in store.state.pending] == [made[3].id]
+
+        await eventually(only_the_last_waits)
+    assert sorted(post_id for owner, post_id in store.state.entries if owner == bob.user_id) == sorted(
+        post.id for post in made[:3]
+    )
+    assert store.timeline_of(bob.user_id) == [post.id for post in reversed(made)]
+
+
+async def test_posts_short_of_a_batch_go_out_once_posting_pauses(
+    store: FakeFeedStore, posts: FakePosts, ada: Identity, bob: Identity
+) -> None:
+    """After the pause with no new post, whatever waits is fanned out, left-overs from before included."""
+    service = FeedService(store, posts, fan_out_batch=100, fan_out_after_pause_s=0.05)
+    await follow(service, bob, ada)
+    left_over = await publish(service, posts, ada, "before a restart")
+    restarted = FeedService(store, posts, fan_out_batch=100, fan_out_after_pause_s=0.05)
+    async with fanning_out(restarted):
+
+        async def none_waits() -> None:
+            assert store.state.pending == []
+
+        await eventually(none_waits)
+        made = await publish(restarted, posts, ada, "after")
+        await eventually(none_waits)
+    assert {post_id for owner, post_id in store.state.entries if owner == bob.user_id} == {
+        left_over.id,
+        made.id,
+    }
+
+
+class FailingOnce(FakeFeedStore):
+    """A store whose first fan-out of waiting posts fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures = 0
+
+    async def fan_out_waiting(self, batch: int) -> int:
+        """Fail the first time, then fan out."""
+        if not self.failures:
+            self.failures += 1
+            raise RuntimeError("database went away")
+        return await super().fan_out_waiting(batch)
+
+
+async def test_a_failed_fan_out_is_tried_again(posts: FakePosts, ada: Identity, bob: Identity) -> None:
+    """A batch that failed is not lost: it waits, still read with the timelines, and goes out later."""
+    store = FailingOnce()
+    service = FeedService(store, posts, fan_out_batch=1, fan_out_after_pause_s=3600)
+    await follow(service, bob, ada)
+    async with fanning_out(service):
+        made = await publish(service, posts, ada)
+
+        async def fanned_out() -> None:
+            assert store.state.pending == []
+
+        await eventually(fanned_out)
+    assert store.failures == 1
+    assert (bob.user_id, made.id) in store.state.entries
+
+
 # --- idempotence and reordering -----------------------------------------------------------------
 
 
@@ -377,6 +470,8 @@ async def test_redelivered_events_change_nothing(
     assert posts.calls == calls
     assert store.timeline_of(bob.user_id) == []
     assert store.timeline_of(ada.user_id) == [created.id]
+    assert await store.fan_out_waiting(10) == 1
+    assert store.timeline_of(bob.user_id) == []
     assert len(store.state.entries) == 1
 
 

@@ -61,7 +61,8 @@ async def test_follow_edges_keep_the_newest_version(store: FeedStore) -> None:
         assert not await tx.save_follow_edge(edge(True, newer))
         assert await tx.save_follow_edge(edge(True, new_id(), follower="cy"))
         first = new_id()
-        await tx.fan_out(first, "ada")
+        await tx.queue_fan_out(first, "ada")
+    assert await store.fan_out_waiting(10) == 1
     async with store.read() as tx:
         assert await tx.follow_edge("bob", "ada") == edge(False, newer)
         assert await tx.follow_edge("ada", "bob") is None
@@ -69,7 +70,8 @@ async def test_follow_edges_keep_the_newest_version(store: FeedStore) -> None:
     async with store.write() as tx:
         assert await tx.save_follow_edge(edge(True, new_id()))
         second = new_id()
-        await tx.fan_out(second, "ada")
+        await tx.queue_fan_out(second, "ada")
+    assert await store.fan_out_waiting(10) == 1
     assert await owners_of(store, second, ["ada", "bob", "cy"]) == ["ada", "bob", "cy"]
 
 
@@ -82,13 +84,68 @@ async def test_fan_out_reaches_every_follower_once(store: FeedStore) -> None:
         await tx.save_follow_edge(edge(True, new_id(), follower="eve", followee="cy"))
         post = new_id()
         await tx.add_entries([TimelineEntry(owner_id="f3", post_id=post, author_id="ada")])
-        await tx.fan_out(post, "ada")
-        await tx.fan_out(post, "ada")
+        await tx.queue_fan_out(post, "ada")
     candidates = ["ada", *followers, "eve", "cy"]
+    assert await owners_of(store, post, candidates) == ["ada", *followers]
+    assert await store.fan_out_waiting(10) == 1
+    async with store.write() as tx:
+        await tx.queue_fan_out(post, "ada")
+    assert await store.fan_out_waiting(10) == 1
+    assert await store.waiting_fan_outs() == 0
     assert await owners_of(store, post, candidates) == ["ada", *followers]
     async with store.read() as tx:
         page, _ = await tx.timeline("f3", PageRequest())
     assert page == [post]
+
+
+async def test_waiting_posts_are_read_with_the_timelines_they_will_join(store: FeedStore) -> None:
+    """Before its fan-out a post is in the pages of its author and of those following now, in order."""
+    async with store.write() as tx:
+        await tx.save_follow_edge(edge(True, new_id()))
+        await tx.save_follow_edge(edge(True, new_id(), follower="cy", followee="dan"))
+        await tx.save_follow_edge(edge(False, new_id(), follower="cy"))
+    ids = [new_id() for _ in range(5)]
+    async with store.write() as tx:
+        await tx.add_entries([TimelineEntry(owner_id="bob", post_id=i, author_id="ada") for i in ids[0:4:2]])
+        await tx.queue_fan_out(ids[1], "ada")
+        await tx.queue_fan_out(ids[3], "dan")
+        await tx.queue_fan_out(ids[4], "ada")
+    async with store.read() as tx:
+        first, cursor = await tx.timeline("bob", PageRequest(limit=2))
+        rest, end = await tx.timeline("bob", PageRequest(limit=2, cursor=cursor))
+        assert (await tx.timeline("ada", PageRequest()))[0] == [ids[4], ids[1]]
+        assert (await tx.timeline("cy", PageRequest()))[0] == [ids[3]]
+    assert first + rest == [ids[4], ids[2], ids[1], ids[0]]
+    assert (cursor, end) == (ids[2], None)
+    assert await store.waiting_fan_outs() == 3
+    assert await store.fan_out_waiting(2) == 2
+    assert await store.waiting_fan_outs() == 1
+    assert await store.fan_out_waiting(2) == 1
+    assert await store.fan_out_waiting(2) == 0
+    async with store.read() as tx:
+        assert (await tx.timeline("bob", PageRequest()))[0] == [ids[4], ids[2], ids[1], ids[0]]
+        assert (await tx.timeline("ada", PageRequest()))[0] == [ids[4], ids[1]]
+        assert (await tx.timeline("cy", PageRequest()))[0] == [ids[3]]
+
+
+async def test_a_waiting_post_leaves_a_timeline_on_unfollow_and_everywhere_on_delete(
+    store: FeedStore,
+) -> None:
+    """An unfollow hides a followee's waiting posts, which then skip that timeline; a delete drops one."""
+    kept, gone = new_id(), new_id()
+    async with store.write() as tx:
+        await tx.save_follow_edge(edge(True, new_id()))
+        await tx.save_follow_edge(edge(True, new_id(), follower="cy"))
+        await tx.queue_fan_out(kept, "ada")
+        await tx.queue_fan_out(gone, "ada")
+    async with store.write() as tx:
+        await tx.save_follow_edge(edge(False, new_id(), follower="cy"))
+        await tx.mark_deleted(gone)
+    assert await owners_of(store, kept, ["ada", "bob", "cy"]) == ["ada", "bob"]
+    assert await owners_of(store, gone, ["ada", "bob", "cy"]) == []
+    assert await store.fan_out_waiting(10) == 1
+    assert await owners_of(store, kept, ["ada", "bob", "cy"]) == ["ada", "bob"]
+    assert await owners_of(store, gone, ["ada", "bob", "cy"]) == []
 
 
 async def test_copies_only_gain_their_text(store: FeedStore) -> None:

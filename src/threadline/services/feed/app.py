@@ -32,4 +32,5 @@ def build(settings: Settings, *, posts: PostsApi) -> Component:
         migrations=[MIGRATIONS],
         router=build_router(service),
         handlers=events.handlers(service),
+        background=[service.keep_fanning_out],
     )

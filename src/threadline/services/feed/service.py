@@ -2,8 +2,15 @@
 
 Everything feed knows comes from other services' events (post.created, post.deleted,
 user.followed, user.unfollowed) and from the posts API; no other service was changed for it.
+
+A new post waits in the store until it is fanned out in a batch with others; timelines are read
+with the waiting posts of the accounts followed, so a post shows in feeds as soon as it is recorded.
 """
 
+import asyncio
+import contextlib
+import logging
+import time
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Protocol
@@ -28,6 +35,8 @@ from threadline.services.users.api import UserFollowed, UserUnfollowed
 
 __all__ = [
     "BACKFILL_POSTS",
+    "FAN_OUT_AFTER_PAUSE_S",
+    "FAN_OUT_BATCH",
     "MAX_PAGE",
     "FeedService",
     "FeedStore",
@@ -37,8 +46,15 @@ __all__ = [
     "TimelineEntry",
 ]
 
+log = logging.getLogger(__name__)
+
 CONSUMER = "feed"
 BACKFILL_POSTS = 20
+# Posts fanned out together: each timeline's newest page is written once for all of a batch's
+# posts to it. Fewer than a batch are fanned out once no post has arrived for a pause.
+FAN_OUT_BATCH = 500
+FAN_OUT_AFTER_PAUSE_S = 0.2
+_RETRY_FAN_OUT_AFTER_S = 1.0
 # A page is read from posts in one batch call, so it may not outgrow a batch.
 MAX_PAGE = min(MAX_LIMIT, MAX_BATCH)
 
@@ -85,8 +101,8 @@ class FeedTransaction(Protocol):
     async def save_follow_edge(self, edge: FollowEdge) -> bool:
         """Store the edge if it is newer than the stored one; False if it was stale."""
 
-    async def fan_out(self, post_id: str, author_id: str) -> None:
-        """Put a post into its author's timeline and every current follower's; entries there stay."""
+    async def queue_fan_out(self, post_id: str, author_id: str) -> None:
+        """Let a post wait for its fan-out; until then timelines are read with it."""
 
     async def keep_post(self, post: PostCopy) -> None:
         """Store a copy; an existing one is replaced only by one that knows the text it lacked."""
@@ -107,7 +123,11 @@ class FeedTransaction(Protocol):
         """Take every post of `author_id` out of `owner_id`'s timeline."""
 
     async def timeline(self, owner_id: str, page: PageRequest) -> tuple[list[str], str | None]:
-        """A page of post ids of one timeline, newest first, and the next cursor."""
+        """A page of post ids of one timeline, newest first, and the next cursor.
+
+        Besides its entries, a timeline holds the waiting posts of the accounts its owner follows
+        now and the owner's own.
+        """
 
     async def claim_event(self, consumer: str, event_id: str) -> bool:
         """False if this event was handled before."""
@@ -122,14 +142,36 @@ class FeedStore(Protocol):
     def read(self) -> AbstractAsyncContextManager[FeedTransaction]:
         """A read-only transaction."""
 
+    async def waiting_fan_outs(self) -> int:
+        """How many posts wait for their fan-out."""
+
+    async def fan_out_waiting(self, batch: int) -> int:
+        """Put the `batch` posts that waited longest into their author's timeline and every current
+        follower's (entries there stay), in one transaction; how many posts stopped waiting."""
+
 
 class FeedService:
     """Home timelines, fanned out on write; read fresh from posts, or from copies when it is down."""
 
-    def __init__(self, store: FeedStore, posts: PostsApi, *, backfill: int = BACKFILL_POSTS) -> None:
+    def __init__(
+        self,
+        store: FeedStore,
+        posts: PostsApi,
+        *,
+        backfill: int = BACKFILL_POSTS,
+        fan_out_batch: int = FAN_OUT_BATCH,
+        fan_out_after_pause_s: float = FAN_OUT_AFTER_PAUSE_S,
+    ) -> None:
         self._store = store
         self._posts = posts
         self._backfill = backfill
+        self._fan_out_batch = fan_out_batch
+        self._fan_out_after_pause_s = fan_out_after_pause_s
+        # Posts this process queued, and how many of them are known to have been fanned out.
+        self._queued_total = 0
+        self._fanned_out_total = 0
+        self._last_queued = 0.0
+        self._queued = asyncio.Event()
 
     async def home(self, identity: Identity, page: PageRequest) -> FeedPage:
         """The caller's timeline, newest first, with current counts, likes and locks."""
@@ -158,7 +200,53 @@ class FeedService:
             if not await tx.claim_event(CONSUMER, event_id) or await tx.deleted_among([post.id]):
                 return
             await tx.keep_post(PostCopy.model_validate(post.model_dump()))
-            await tx.fan_out(post.id, post.author.id)
+            await tx.queue_fan_out(post.id, post.author.id)
+        self._queued_total += 1
+        self._last_queued = time.monotonic()
+        if self._waiting in (1, self._fan_out_batch):
+            self._queued.set()
+
+    @property
+    def _waiting(self) -> int:
+        return self._queued_total - self._fanned_out_total
+
+    async def keep_fanning_out(self) -> None:
+        """Fan waiting posts out in batches, when a batch is full or posting pauses; runs until cancelled."""
+        try:
+            # What waits now includes what this process queued since it started, and what was left.
+            waiting = await self._store.waiting_fan_outs()
+            self._queued_total = max(self._queued_total, self._fanned_out_total + waiting)
+        except Exception:
+            log.exception("feed: counting the posts left waiting failed; they wait for the next batch")
+        while True:
+            await self._until_batch_or_pause()
+            queued_before = self._queued_total
+            try:
+                done = await self._store.fan_out_waiting(self._fan_out_batch)
+            except Exception:
+                log.exception("feed: fanning out waiting posts failed; trying again")
+                await asyncio.sleep(_RETRY_FAN_OUT_AFTER_S)
+                continue
+            if done < self._fan_out_batch:
+                # None was left: every post queued before this batch began is out (perhaps fanned
+                # out by another process); those queued meanwhile may still wait.
+                self._fanned_out_total = queued_before
+            else:
+                self._fanned_out_total = min(self._queued_total, self._fanned_out_total + done)
+
+    async def _until_batch_or_pause(self) -> None:
+        while True:
+            self._queued.clear()
+            if self._waiting >= self._fan_out_batch:
+                return
+            timeout = None
+            if self._waiting:
+                timeout = self._last_queued + self._fan_out_after_pause_s - time.monotonic()
+                if timeout <= 0:
+                    return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._queued.wait()
 
     async def forget_post(self, event_id: str, post: PostDeleted) -> None:
         """Take a deleted post out of every timeline, for good."""

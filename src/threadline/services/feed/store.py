@@ -11,13 +11,13 @@ from threadline.platform.db import (
     Database,
     InsertIgnoringConflicts,
     Migrations,
-    PagedQuery,
     Query,
     SqlStore,
     Transaction,
     UtcDateTime,
     insert_ignoring_conflicts,
     insert_many_ignoring_conflicts,
+    page_of,
 )
 from threadline.platform.pagination import PageRequest
 from threadline.services.feed.api import SERVICE
@@ -69,26 +69,90 @@ timeline_entries = sa.Table(
     sqlite_with_rowid=False,
 )
 
-_TIMELINE = PagedQuery(
-    sa.select(timeline_entries.c.post_id).where(timeline_entries.c.owner_id == sa.bindparam("owner_id")),
-    timeline_entries.c.post_id,
+pending_fan_outs = sa.Table(
+    "pending_fan_outs",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("post_id", sa.String(36), nullable=False),
+    sa.Column("author_id", sa.String(36), nullable=False),
 )
+
+_OWNER_ID = sa.bindparam("owner_id", type_=sa.String)
+_PAGE_LIMIT = sa.bindparam("page_limit", type_=sa.Integer)
+_PAGE_CURSOR = sa.bindparam("page_cursor", type_=sa.String)
+
+
+def _timeline_page(*, after_cursor: bool) -> Query:
+    """The newest post ids of one timeline: its entries, and the posts still waiting for their fan-out.
+
+    Those are the waiting posts of the accounts the owner follows now, and the owner's own. Only
+    the newest page of entries is read (its own LIMIT), so a long timeline costs no more.
+    """
+    entries = sa.select(timeline_entries.c.post_id).where(timeline_entries.c.owner_id == _OWNER_ID)
+    followed = (
+        sa.select(pending_fan_outs.c.post_id)
+        .select_from(follows.join(pending_fan_outs, pending_fan_outs.c.author_id == follows.c.followee_id))
+        .where(follows.c.follower_id == _OWNER_ID, follows.c.following)
+    )
+    own = sa.select(pending_fan_outs.c.post_id).where(pending_fan_outs.c.author_id == _OWNER_ID)
+    if after_cursor:
+        entries = entries.where(timeline_entries.c.post_id < _PAGE_CURSOR)
+        followed = followed.where(pending_fan_outs.c.post_id < _PAGE_CURSOR)
+        own = own.where(pending_fan_outs.c.post_id < _PAGE_CURSOR)
+    newest = entries.order_by(timeline_entries.c.post_id.desc()).limit(_PAGE_LIMIT).subquery()
+    ids = sa.union(sa.select(newest.c.post_id), followed, own).subquery()
+    return Query(sa.select(ids.c.post_id).order_by(ids.c.post_id.desc()).limit(_PAGE_LIMIT))
+
+
+_TIMELINE_FIRST = _timeline_page(after_cursor=False)
+_TIMELINE_AFTER = _timeline_page(after_cursor=True)
 _FOLLOW_EDGE = Query(
     sa.select(follows).where(
         follows.c.follower_id == sa.bindparam("follower_id"),
         follows.c.followee_id == sa.bindparam("followee_id"),
     )
 )
-_AUTHOR_ID = sa.bindparam("author_id", type_=sa.String)
-_POST_ID = sa.bindparam("post_id", type_=sa.String)
-# One statement, so a post with thousands of followers costs no Python step per follower. (SQLite
-# needs a WHERE in the last SELECT of an INSERT ... SELECT ... ON CONFLICT to parse it.)
-_FAN_OUT = InsertIgnoringConflicts(
+_QUEUE_FAN_OUT = Command(pending_fan_outs.insert())
+_LAST_SEQ = sa.bindparam("last_seq", type_=sa.Integer)
+_OLDEST_BATCH = (
+    sa.select(pending_fan_outs.c.seq).order_by(pending_fan_outs.c.seq).limit(sa.bindparam("batch"))
+)
+_LAST_OF_OLDEST = Query(sa.select(sa.func.max(_OLDEST_BATCH.subquery().c.seq).label("last_seq")))
+_WAITING = Query(sa.select(sa.func.count().label("waiting")).select_from(pending_fan_outs))
+_WAITING_UP_TO_LAST = pending_fan_outs.c.seq <= _LAST_SEQ
+# One statement for the whole batch, in key order, so that the entries of one timeline go into
+# its newest page together. (SQLite needs a WHERE in the last SELECT of an INSERT ... SELECT ...
+# ON CONFLICT to parse it.)
+_FAN_OUT_WAITING = InsertIgnoringConflicts(
     timeline_entries,
     columns=["owner_id", "post_id", "author_id"],
-    from_select=sa.select(follows.c.follower_id, _POST_ID, _AUTHOR_ID)
-    .where(follows.c.followee_id == _AUTHOR_ID, follows.c.following)
-    .union_all(sa.select(_AUTHOR_ID, _POST_ID, _AUTHOR_ID).where(sa.true())),
+    from_select=sa.select(follows.c.follower_id, pending_fan_outs.c.post_id, pending_fan_outs.c.author_id)
+    .select_from(
+        pending_fan_outs.join(
+            follows, sa.and_(follows.c.followee_id == pending_fan_outs.c.author_id, follows.c.following)
+        )
+    )
+    .where(_WAITING_UP_TO_LAST)
+    .union_all(
+        sa.select(
+            pending_fan_outs.c.author_id, pending_fan_outs.c.post_id, pending_fan_outs.c.author_id
+        ).where(_WAITING_UP_TO_LAST)
+    )
+    .order_by(sa.literal_column("1"), sa.literal_column("2")),
+)
+# A waiting post leaves the table only once its author's own entry shows its fan-out happened: on
+# PostgreSQL a post queued with a lower seq can commit between the fan-out and this statement.
+_DROP_FANNED_OUT = Command(
+    pending_fan_outs.delete().where(
+        _WAITING_UP_TO_LAST,
+        sa.exists().where(
+            timeline_entries.c.owner_id == pending_fan_outs.c.author_id,
+            timeline_entries.c.post_id == pending_fan_outs.c.post_id,
+        ),
+    )
+)
+_DROP_WAITING_POST = Command(
+    pending_fan_outs.delete().where(pending_fan_outs.c.post_id == sa.bindparam("post_id"))
 )
 _NEWER_EDGE = Command(
     follows.update()
@@ -173,9 +237,9 @@ class SqlFeedTransaction(Transaction):
         )
         return changed == 1
 
-    async def fan_out(self, post_id: str, author_id: str) -> None:
-        """Put a post into its author's timeline and every current follower's, once each."""
-        await self.conn.run(_FAN_OUT.command(self.conn.dialect), {"post_id": post_id, "author_id": author_id})
+    async def queue_fan_out(self, post_id: str, author_id: str) -> None:
+        """Let the post wait for its fan-out, read with the timelines meanwhile."""
+        await self.conn.run(_QUEUE_FAN_OUT, {"post_id": post_id, "author_id": author_id})
 
     async def keep_post(self, post: PostCopy) -> None:
         """Insert the copy, or fill in the text a stored copy lacked."""
@@ -203,6 +267,7 @@ class SqlFeedTransaction(Transaction):
         await insert_ignoring_conflicts(self.conn, deleted_posts, {"id": post_id, "deleted_at": utcnow()})
         await self.conn.run(_DROP_COPY, {"post_id": post_id})
         await self.conn.run(_DROP_POST_ENTRIES, {"post_id": post_id})
+        await self.conn.run(_DROP_WAITING_POST, {"post_id": post_id})
 
     async def add_entries(self, entries: list[TimelineEntry]) -> None:
         """Insert timeline entries, skipping those already there."""
@@ -215,9 +280,14 @@ class SqlFeedTransaction(Transaction):
         await self.conn.run(_DROP_AUTHOR_ENTRIES, {"owner_id": owner_id, "author_id": author_id})
 
     async def timeline(self, owner_id: str, page: PageRequest) -> tuple[list[str], str | None]:
-        """A page of one timeline's post ids, newest first."""
-        rows, cursor = await _TIMELINE.page(self.conn, page, owner_id=owner_id)
-        return [str(row.post_id) for row in rows], cursor
+        """A page of one timeline's post ids, newest first, waiting posts included."""
+        parameters = {"owner_id": owner_id, "page_limit": page.limit + 1}
+        if page.cursor is None:
+            rows = await self.conn.fetch(_TIMELINE_FIRST, parameters)
+        else:
+            rows = await self.conn.fetch(_TIMELINE_AFTER, {**parameters, "page_cursor": page.cursor})
+        ids, cursor = page_of([str(row.post_id) for row in rows], page, str)
+        return ids, cursor
 
 
 class SqlFeedStore(SqlStore[SqlFeedTransaction]):
@@ -225,3 +295,20 @@ class SqlFeedStore(SqlStore[SqlFeedTransaction]):
 
     def __init__(self, db: Database) -> None:
         super().__init__(db, SqlFeedTransaction, SERVICE)
+
+    async def waiting_fan_outs(self) -> int:
+        """How many posts wait for their fan-out."""
+        async with self._db.read() as conn:
+            return int((await conn.fetch(_WAITING, {}))[0][0])
+
+    async def fan_out_waiting(self, batch: int) -> int:
+        """Fan out the `batch` posts that have waited longest, in one transaction; how many left the queue.
+
+        Its statements run off the event loop's thread: a batch of hundreds takes a while.
+        """
+        async with self._db.write(off_loop=True) as conn:
+            last = (await conn.fetch(_LAST_OF_OLDEST, {"batch": batch}))[0][0]
+            if last is None:
+                return 0
+            await conn.run(_FAN_OUT_WAITING.command(conn.dialect), {"last_seq": last})
+            return await conn.run(_DROP_FANNED_OUT, {"last_seq": last})
