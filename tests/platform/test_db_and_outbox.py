@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.support.polling import eventually
+from tests.support.tasks import running_in_background
 from threadline.platform.clock import utcnow
 from threadline.platform.db import (
     Command,
@@ -190,17 +191,6 @@ class FakeBus:
     @property
     def ids(self) -> list[str]:
         return [event.id for event in self.published]
-
-
-@contextlib.asynccontextmanager
-async def running(relay: OutboxRelay) -> AsyncIterator[None]:
-    task = asyncio.create_task(relay.run())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_migrations_are_idempotent_across_reopenings(db_url: str, migrations: Migrations) -> None:
@@ -418,28 +408,10 @@ async def test_an_off_loop_write_leaves_the_loop_free_during_a_long_statement(sq
     assert await count(sqlite_db, notes_table) == 2
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def cancellable_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The standard SQLite driver and PostgreSQL (aiosqlite runs a cancelled statement on, lock held)."""
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("postgres_database")
-        return url
-    return f"sqlite:///{tmp_path / 'notes.db'}"
-
-
-@pytest.fixture
-async def cancellable_db(cancellable_db_url: str, migrations: Migrations) -> AsyncIterator[Database]:
-    database = Database(cancellable_db_url)
-    await database.open([migrations])
-    yield database
-    await database.close()
-
-
-async def test_an_off_loop_write_cancelled_mid_statement_rolls_back_and_wedges_nothing(
-    cancellable_db: Database,
-) -> None:
+# aiosqlite runs a cancelled statement on, its lock held: only the drivers that stop are asked to.
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+async def test_an_off_loop_write_cancelled_mid_statement_rolls_back_and_wedges_nothing(db: Database) -> None:
     """Cancelled while its long statement runs, the transaction ends, changes nothing, and writes go on."""
-    db = cancellable_db
     running = asyncio.Event()
 
     async def long_write() -> None:
@@ -550,7 +522,7 @@ async def test_the_running_relay_retries_a_failing_bus_until_every_event_is_deli
     bus = FakeBus(fail_first=3)
     relay = OutboxRelay(db, bus, name=SOURCE, poll_seconds=0.05)
     emitted = [await add_note(db, f"note {index}") for index in range(4)]
-    async with running(relay):
+    async with running_in_background(relay.run()):
 
         async def all_delivered() -> None:
             assert bus.ids == [event.id for event in emitted]
@@ -570,7 +542,7 @@ async def test_a_commit_wakes_the_relay_without_waiting_for_the_poll(db: Databas
 
     bus.subscribe("indexer", NoteAdded.TYPE, handler)
     relay = OutboxRelay(db, bus, name=SOURCE, poll_seconds=30)
-    async with running(relay):
+    async with running_in_background(relay.run()):
         first = await add_note(db, "first")
 
         async def delivered(expected: list[Event]) -> None:

@@ -1,15 +1,13 @@
 """The feed application layer over a fake store and a fake posts API: fan-out, back-fill, degraded reads."""
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 
 import pytest
 
 from tests.fakes.feed import FakeFeedStore, FakePosts
 from tests.fakes.identities import identity
 from tests.support.polling import eventually
+from tests.support.tasks import running_in_background
 from threadline.platform.errors import InvalidRequest, ServiceUnavailable
 from threadline.platform.ids import new_id
 from threadline.platform.pagination import PageRequest
@@ -365,25 +363,13 @@ async def test_backfilled_subscriber_post_copy_never_leaks_text(
 # --- fanning out in batches ---------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def fanning_out(service: FeedService) -> AsyncIterator[None]:
-    """Run the service's background fan-out for the block, then stop it."""
-    task = asyncio.create_task(service.keep_fanning_out())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 async def test_a_full_batch_is_fanned_out_without_waiting_for_a_pause(
     store: FakeFeedStore, posts: FakePosts, ada: Identity, bob: Identity
 ) -> None:
     """The batch's last post sets off its fan-out at once; posts short of a batch keep waiting."""
     service = FeedService(store, posts, fan_out_batch=3, fan_out_after_pause_s=3600)
     await follow(service, bob, ada)
-    async with fanning_out(service):
+    async with running_in_background(service.keep_fanning_out()):
         made = [await publish(service, posts, ada, str(i)) for i in range(4)]
 
         async def only_the_last_waits() -> None:
@@ -404,7 +390,7 @@ async def test_posts_short_of_a_batch_go_out_once_posting_pauses(
     await follow(service, bob, ada)
     left_over = await publish(service, posts, ada, "before a restart")
     restarted = FeedService(store, posts, fan_out_batch=100, fan_out_after_pause_s=0.05)
-    async with fanning_out(restarted):
+    async with running_in_background(restarted.keep_fanning_out()):
 
         async def none_waits() -> None:
             assert store.state.pending == []
@@ -438,7 +424,7 @@ async def test_a_failed_fan_out_is_tried_again(posts: FakePosts, ada: Identity, 
     store = FailingOnce()
     service = FeedService(store, posts, fan_out_batch=1, fan_out_after_pause_s=3600)
     await follow(service, bob, ada)
-    async with fanning_out(service):
+    async with running_in_background(service.keep_fanning_out()):
         made = await publish(service, posts, ada)
 
         async def fanned_out() -> None:
