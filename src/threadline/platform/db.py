@@ -852,6 +852,17 @@ class PagedQuery:
         self._first = Query(first)
         self._after = Query(first.where(id_column < sa.bindparam("page_cursor")))
 
+    @classmethod
+    def of(cls, first: "Query", after: "Query", *, cursor_key: str) -> "PagedQuery":
+        """A paged query whose two forms are built by the caller: `first` for the first page, `after`
+        for a page after the `page_cursor` parameter; both take `page_limit` and read newest first.
+
+        For a query the plain form cannot express, such as one that limits a part of itself.
+        """
+        paged = cls.__new__(cls)
+        paged._cursor_key, paged._first, paged._after = cursor_key, first, after
+        return paged
+
     async def page(
         self, conn: Connection, page: PageRequest, **parameters: Any
     ) -> tuple[list[Any], str | None]:

@@ -11,13 +11,13 @@ from threadline.platform.db import (
     Database,
     InsertIgnoringConflicts,
     Migrations,
+    PagedQuery,
     Query,
     SqlStore,
     Transaction,
     UtcDateTime,
     insert_ignoring_conflicts,
     insert_many_ignoring_conflicts,
-    page_of,
 )
 from threadline.platform.pagination import PageRequest
 from threadline.services.feed.api import SERVICE
@@ -104,8 +104,9 @@ def _timeline_page(*, after_cursor: bool) -> Query:
     return Query(sa.select(ids.c.post_id).order_by(ids.c.post_id.desc()).limit(_PAGE_LIMIT))
 
 
-_TIMELINE_FIRST = _timeline_page(after_cursor=False)
-_TIMELINE_AFTER = _timeline_page(after_cursor=True)
+_TIMELINE = PagedQuery.of(
+    _timeline_page(after_cursor=False), _timeline_page(after_cursor=True), cursor_key="post_id"
+)
 _FOLLOW_EDGE = Query(
     sa.select(follows).where(
         follows.c.follower_id == sa.bindparam("follower_id"),
@@ -281,13 +282,8 @@ class SqlFeedTransaction(Transaction):
 
     async def timeline(self, owner_id: str, page: PageRequest) -> tuple[list[str], str | None]:
         """A page of one timeline's post ids, newest first, waiting posts included."""
-        parameters = {"owner_id": owner_id, "page_limit": page.limit + 1}
-        if page.cursor is None:
-            rows = await self.conn.fetch(_TIMELINE_FIRST, parameters)
-        else:
-            rows = await self.conn.fetch(_TIMELINE_AFTER, {**parameters, "page_cursor": page.cursor})
-        ids, cursor = page_of([str(row.post_id) for row in rows], page, str)
-        return ids, cursor
+        rows, cursor = await _TIMELINE.page(self.conn, page, owner_id=owner_id)
+        return [str(row.post_id) for row in rows], cursor
 
 
 class SqlFeedStore(SqlStore[SqlFeedTransaction]):
