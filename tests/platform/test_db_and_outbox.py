@@ -2,6 +2,8 @@
 
 import asyncio
 import contextlib
+import dataclasses
+import math
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
@@ -32,6 +34,7 @@ from threadline.platform.db import (
 )
 from threadline.platform.events import Event, EventHandler, EventPayload, InProcessBus
 from threadline.platform.ids import new_id
+from threadline.platform.in_flight import serving_a_request
 from threadline.platform.outbox import OutboxRelay
 from threadline.platform.pagination import PageRequest
 
@@ -431,6 +434,125 @@ async def test_an_off_loop_write_cancelled_mid_statement_rolls_back_and_wedges_n
     assert await count(db, notes_table) == 1
 
 
+async def loop_ran_during_commit(
+    db: Database, *, durable: bool = True, body: str = "note", yield_before_commit: bool = False
+) -> bool:
+    """Write a note; whether the event loop ran anything else while the transaction committed.
+
+    Nothing before the commit gives the loop up (the statements and BEGIN run on it), so a
+    callback scheduled just before the block ends has run by then only if the commit was awaited
+    on another thread.
+    """
+    ran: list[bool] = []
+    async with db.write(durable=durable) as conn:
+        await conn.execute(notes_table.insert().values(id=new_id(), body=body))
+        if yield_before_commit:
+            await asyncio.sleep(0)
+        asyncio.get_running_loop().call_soon(ran.append, True)
+    return bool(ran)
+
+
+@contextlib.asynccontextmanager
+async def another_request_in_flight() -> AsyncIterator[None]:
+    """A request this process serves in another task for the length of the block."""
+    answered = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def serve() -> None:
+        with serving_a_request():
+            arrived.set()
+            await answered.wait()
+
+    task = asyncio.create_task(serve())
+    await arrived.wait()
+    try:
+        yield
+    finally:
+        answered.set()
+        await task
+
+
+# However slowly this machine's disk syncs, commits may stay on the loop: the tests using it are
+# about what else decides.
+ANY_DISK = WriterSettings(commit_on_loop_below_s=math.inf)
+
+
+@pytest.fixture
+async def any_disk_db(tmp_path: Path, migrations: Migrations) -> AsyncIterator[Database]:
+    """SQLite through the standard driver, committing on the loop whenever nothing else is in hand."""
+    async with opened_sqlite(tmp_path / "notes.db", migrations, ANY_DISK) as database:
+        yield database
+
+
+async def test_a_durable_commit_waits_on_the_loop_only_with_nothing_else_in_hand(
+    any_disk_db: Database,
+) -> None:
+    """Idle, or serving only its own request, it commits on the loop; another request in flight, aside."""
+    assert not await loop_ran_during_commit(any_disk_db)
+    with serving_a_request():
+        assert not await loop_ran_during_commit(any_disk_db)
+    async with another_request_in_flight():
+        assert await loop_ran_during_commit(any_disk_db)
+        with serving_a_request():
+            assert await loop_ran_during_commit(any_disk_db)
+    assert not await loop_ran_during_commit(any_disk_db)
+    assert await count(any_disk_db, notes_table) == 5
+
+
+async def test_a_durable_commit_with_writers_waiting_behind_it_leaves_the_loop_to_them(
+    any_disk_db: Database,
+) -> None:
+    """A commit that other writers queue behind waits for the disk off the loop; each write is kept."""
+    # The second writer, created before the first yields, queues on the write lock meanwhile.
+    first = asyncio.create_task(loop_ran_during_commit(any_disk_db, yield_before_commit=True))
+    second = asyncio.create_task(add_note(any_disk_db, "second"))
+    assert await first
+    await second
+    assert await count(any_disk_db, notes_table) == 2
+
+
+async def test_commits_leave_the_loop_once_the_disk_syncs_slower_than_the_bound(
+    tmp_path: Path, migrations: Migrations
+) -> None:
+    """With a bound no sync can meet, the first commit, measured on the loop, sends the next ones aside."""
+    writer = WriterSettings(commit_on_loop_below_s=1e-9)
+    async with opened_sqlite(tmp_path / "slow.db", migrations, writer) as database:
+        assert not await loop_ran_during_commit(database)
+        assert await loop_ran_during_commit(database)
+        assert await loop_ran_during_commit(database)
+        # A commit that does not wait for the disk has nothing to wait for on a thread.
+        assert not await loop_ran_during_commit(database, durable=False)
+        assert await count(database, notes_table) == 4
+
+
+async def test_commits_on_the_loop_leave_checkpoints_to_the_committer_thread(
+    tmp_path: Path, migrations: Migrations
+) -> None:
+    """Commits stay on the loop until the WAL is due for a checkpoint; the next one checkpoints aside.
+
+    A checkpoint copies the WAL back into the database file and syncs it: tens of milliseconds
+    that would hold up the loop. The database file grows only when one runs.
+    """
+    path = tmp_path / "checkpointed.db"
+    writer = dataclasses.replace(ANY_DISK, checkpoint_after_pages=40)
+    async with opened_sqlite(path, migrations, writer) as database:
+        await add_note(database, "the WAL now exists")
+        size_at_start = path.stat().st_size
+        aside: list[bool] = []
+        grew_on_the_loop = 0
+        for _ in range(60):
+            size_before = path.stat().st_size
+            aside.append(await loop_ran_during_commit(database, body="x" * 4000))
+            grew_on_the_loop += not aside[-1] and path.stat().st_size > size_before
+        assert not any(aside[:5])
+        assert 2 <= sum(aside) < 30
+        assert grew_on_the_loop == 0
+        assert path.stat().st_size > size_at_start + 40 * 4000
+        # Each commit wrote a few pages: without the checkpoints the WAL would hold hundreds.
+        assert wal_pages(database) < 60
+        assert await count(database, notes_table) == 61
+
+
 async def test_insert_ignoring_conflicts_tells_apart_same_named_tables_of_two_services(
     tmp_path: Path, db: Database
 ) -> None:
@@ -604,10 +726,53 @@ async def test_prune_forgets_only_events_sent_over_an_hour_ago(db: Database) -> 
             .where(outbox_table.c.event_id == recent.id)
             .values(sent_at=utcnow() - timedelta(minutes=5))
         )
-    await OutboxRelay(db, FakeBus(), name=SOURCE).prune()
+    assert await OutboxRelay(db, FakeBus(), name=SOURCE).prune() == 1
+    assert await outbox_event_ids(db) == [recent.id, pending.id]
+
+
+async def outbox_event_ids(db: Database) -> list[str]:
     async with db.read() as conn:
-        left = (await conn.execute(sa.select(outbox_table.c.event_id).order_by(outbox_table.c.seq))).scalars()
-        assert list(left) == [recent.id, pending.id]
+        return list(
+            (await conn.execute(sa.select(outbox_table.c.event_id).order_by(outbox_table.c.seq))).scalars()
+        )
+
+
+async def sent_hours_ago(db: Database, events: list[Event], hours: float) -> None:
+    async with db.write() as conn:
+        await conn.execute(
+            outbox_table.update()
+            .where(outbox_table.c.event_id.in_([event.id for event in events]))
+            .values(sent_at=utcnow() - timedelta(hours=hours))
+        )
+
+
+async def test_prune_takes_old_events_a_batch_at_a_time_up_to_the_first_recent_one(db: Database) -> None:
+    """Seven old rows go in batches of three; the recent one after them, and all behind it, stay."""
+    events = [await add_note(db, f"note {number}") for number in range(9)]
+    await sent_hours_ago(db, events[:7], 2)
+    await sent_hours_ago(db, events[7:8], 0.1)
+    assert await OutboxRelay(db, FakeBus(), name=SOURCE, prune_batch=3).prune() == 7
+    assert await outbox_event_ids(db) == [events[7].id, events[8].id]
+
+
+async def test_a_running_relay_prunes_by_the_clock(db: Database) -> None:
+    """Left running, the relay forgets old sent events on its own, every `prune_every_s`."""
+    relay = OutboxRelay(db, FakeBus(), name=SOURCE, poll_seconds=0.05, prune_every_s=0.2)
+    async with running_in_background(relay.run()):
+        for round_number in range(2):
+            old = await add_note(db, f"old {round_number}")
+
+            async def sent() -> None:
+                assert await unsent(db) == 0
+
+            # Dated back only once the relay has marked it sent, or its mark would date it now.
+            await eventually(sent)
+            await sent_hours_ago(db, [old], 2)
+
+            async def forgotten(event_id: str = old.id) -> None:
+                assert event_id not in await outbox_event_ids(db)
+
+            await eventually(forgotten)
 
 
 async def test_utc_datetime_round_trips_an_aware_utc_time(db: Database) -> None:

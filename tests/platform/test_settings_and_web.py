@@ -1,5 +1,6 @@
 """Process settings, and the app factory served on a real socket: health, metrics, limits, error shape."""
 
+import asyncio
 import os
 import re
 import time
@@ -15,6 +16,7 @@ from fastapi import APIRouter
 from jwt.algorithms import OKPAlgorithm
 from pydantic import BaseModel, Field, ValidationError
 
+from tests.support.polling import eventually
 from tests.support.servers import serving
 from threadline.platform.callers import Caller, Viewer
 from threadline.platform.deadlines import remaining_seconds
@@ -25,6 +27,7 @@ from threadline.platform.errors import (
     NotFound,
     ServiceUnavailable,
 )
+from threadline.platform.in_flight import other_requests_in_flight
 from threadline.platform.pagination import Paging
 from threadline.platform.settings import DEFAULT_SECRET_KEY, Settings
 from threadline.platform.tokens import TOKEN_AUDIENCE, TOKEN_ISSUER, TokenVerifier
@@ -502,3 +505,46 @@ async def test_a_viewer_route_is_open_to_anonymous_callers_but_checks_a_given_to
     status, body, _ = await service.request("GET", "/hello", headers={"Authorization": "Bearer x.y.z"})
     assert status == 401
     assert error_of(body)["code"] == "invalid_token"
+
+
+async def test_a_request_is_in_flight_for_the_rest_of_the_process_until_it_is_answered(
+    key: Ed25519PrivateKey,
+) -> None:
+    """While one request is held, another sees it in flight; a request never counts itself."""
+    release = asyncio.Event()
+    router = APIRouter()
+
+    @router.get("/held")
+    async def held() -> dict[str, int]:
+        await release.wait()
+        return {"others": other_requests_in_flight()}
+
+    @router.get("/others")
+    async def others() -> dict[str, int]:
+        return {"others": other_requests_in_flight()}
+
+    async def jwks() -> dict[str, Any]:
+        return {"keys": [public_jwk(key, "k1")]}
+
+    app = create_app(title="test", routers=[router], readiness={}, token_verifier=TokenVerifier(jwks))
+    async with serving(app) as url, aiohttp.ClientSession() as http:
+
+        async def others_seen_by(path: str) -> int:
+            async with http.get(f"{url}{path}") as response:
+                assert response.status == 200
+                seen: int = (await response.json())["others"]
+                return seen
+
+        assert await others_seen_by("/others") == 0
+        held_request = asyncio.create_task(others_seen_by("/held"))
+
+        async def held_request_arrived() -> None:
+            assert other_requests_in_flight() == 1
+
+        try:
+            await eventually(held_request_arrived, within=10)
+            assert await others_seen_by("/others") == 1
+        finally:
+            release.set()
+        assert await held_request == 0
+        assert other_requests_in_flight() == 0

@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import time
 from datetime import timedelta
 
 import sqlalchemy as sa
@@ -16,6 +17,19 @@ __all__ = ["OutboxRelay"]
 log = logging.getLogger(__name__)
 
 _SENT_ROWS_KEPT_FOR = timedelta(hours=1)
+# A short DELETE per batch of the oldest rows, not one scan of the whole outbox: the relay runs on
+# the loop that serves requests, and the outbox has no index on sent_at.
+_PRUNE_OLDEST = Command(
+    outbox_table.delete().where(
+        outbox_table.c.seq.in_(
+            sa.select(outbox_table.c.seq)
+            .order_by(outbox_table.c.seq)
+            .limit(sa.bindparam("batch", type_=sa.Integer))
+            .scalar_subquery()
+        ),
+        outbox_table.c.sent_at < sa.bindparam("sent_before"),
+    )
+)
 _UNSENT = Query(
     sa.select(outbox_table.c.seq, outbox_table.c.body)
     .where(outbox_table.c.sent_at.is_(None))
@@ -33,13 +47,23 @@ class OutboxRelay:
     """Moves events from one database's outbox onto the bus; marks each sent only once published."""
 
     def __init__(
-        self, db: Database, bus: Bus, *, name: str, poll_seconds: float = 1.0, batch: int = 100
+        self,
+        db: Database,
+        bus: Bus,
+        *,
+        name: str,
+        poll_seconds: float = 1.0,
+        batch: int = 100,
+        prune_every_s: float = 600.0,
+        prune_batch: int = 1000,
     ) -> None:
         self._db = db
         self._bus = bus
         self._name = name
         self._poll_seconds = poll_seconds
         self._batch = batch
+        self._prune_every_s = prune_every_s
+        self._prune_batch = prune_batch
         self._wakeup = asyncio.Event()
         db.on_events_committed(self.wake)
 
@@ -75,25 +99,32 @@ class OutboxRelay:
             if len(rows) < self._batch:
                 return published
 
-    async def prune(self) -> None:
-        """Forget events published long enough ago."""
-        async with self._db.write(durable=False) as conn:
-            await conn.execute(
-                outbox_table.delete().where(outbox_table.c.sent_at < utcnow() - _SENT_ROWS_KEPT_FOR)
-            )
+    async def prune(self) -> int:
+        """Forget events published long enough ago, oldest first, a batch per transaction; how many."""
+        sent_before = utcnow() - _SENT_ROWS_KEPT_FOR
+        pruned = 0
+        while True:
+            async with self._db.write(durable=False) as conn:
+                deleted = await conn.run(
+                    _PRUNE_OLDEST, {"batch": self._prune_batch, "sent_before": sent_before}
+                )
+            pruned += deleted
+            if deleted < self._prune_batch:
+                return pruned
 
     async def run(self) -> None:
         """Relay forever: on every wake-up and every poll interval; back off while the bus is down."""
         backoff = self._poll_seconds
-        polls = 0
+        # By the clock, not by drains: a busy service drains hundreds of times a second.
+        prune_at = time.monotonic()
         while True:
             self._wakeup.clear()
             try:
                 await self.drain()
                 backoff = self._poll_seconds
-                polls += 1
-                if polls % 600 == 0:
+                if time.monotonic() >= prune_at:
                     await self.prune()
+                    prune_at = time.monotonic() + self._prune_every_s
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -16,6 +16,7 @@ from threadline.platform.asgi import UNEXPECTED_ERROR, JsonResponse, send_error
 from threadline.platform.deadlines import DEADLINE_HEADER, deadline_scope
 from threadline.platform.direct import DirectRoutes
 from threadline.platform.errors import FieldError, InvalidRequest, ServiceError, error_body
+from threadline.platform.in_flight import serving_a_request
 from threadline.platform.tokens import TokenVerifier
 
 __all__ = ["ReadinessCheck", "create_app"]
@@ -200,7 +201,7 @@ class _EdgeMiddleware:
 
         timeout_ms = headers.get(DEADLINE_HEADER)
         try:
-            with deadline_scope(_parse_ms(timeout_ms)):
+            with deadline_scope(_parse_ms(timeout_ms)), serving_a_request():
                 await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
             status, answered = 413, True
