@@ -259,7 +259,7 @@ class WriterSettings:
     """The writer's page cache (SQLite's default: 2 MiB)."""
 
     checkpoint_after_pages: int | None = None
-    """How many pages the WAL holds before a commit copies them back into the file (default 1,000).
+    """How many pages the WAL holds before they are copied back into the file (default 1,000).
 
     A page written many times in between is copied once; readers look pages up in a longer WAL.
     """
@@ -278,8 +278,6 @@ class WriterSettings:
         found = []
         if self.cache_mib is not None:
             found.append(f"PRAGMA cache_size=-{self.cache_mib * 1024}")
-        if self.checkpoint_after_pages is not None:
-            found.append(f"PRAGMA wal_autocheckpoint={self.checkpoint_after_pages}")
         return found
 
 
@@ -349,10 +347,12 @@ class _SqliteOnLoop:
         self._writer.exec_driver_sql("PRAGMA busy_timeout=0")
         for pragma in self._writer_settings.pragmas():
             self._writer.exec_driver_sql(pragma)
-        # The WAL file is cut back to a checkpoint's worth of pages whenever it starts over, so
-        # its size tells whether it holds more than that (`_commits_on_loop`).
+        # No commit checkpoints by itself: `_commit_aside` does, once the WAL file holds more than
+        # a checkpoint's worth of pages, which its size tells, as SQLite cuts it back to that
+        # whenever it starts over.
         page_bytes = int(self._writer.exec_driver_sql("PRAGMA page_size").scalar_one())
         self._wal_limit_bytes = self._checkpoint_pages * page_bytes
+        self._writer.exec_driver_sql("PRAGMA wal_autocheckpoint=0")
         self._writer.exec_driver_sql(f"PRAGMA journal_size_limit={self._wal_limit_bytes}")
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-commit")
 
@@ -396,9 +396,7 @@ class _SqliteOnLoop:
                 if self._commits_on_loop(durable=durable, off_loop=off_loop):
                     self._commit_here(driver, durable=durable)
                 else:
-                    sync_s = await _commit_on(self._committer, driver)
-                    if durable:
-                        self._note_sync(sync_s)
+                    await self._commit_aside(self._committer, driver, durable=durable)
             finally:
                 if not durable:
                     driver.execute(f"PRAGMA synchronous={_DURABLE_SYNCHRONOUS}")
@@ -421,18 +419,41 @@ class _SqliteOnLoop:
         )
 
     def _commit_here(self, driver: sqlite3.Connection, *, durable: bool) -> None:
-        """Commit on the loop's thread, without a checkpoint; roll back if the commit fails."""
-        driver.execute("PRAGMA wal_autocheckpoint=0")
+        """Commit on the loop's thread; roll back if the commit fails."""
+        began = time.perf_counter()
         try:
-            began = time.perf_counter()
             driver.commit()
-            if durable:
-                self._note_sync(time.perf_counter() - began)
         except BaseException:
             driver.rollback()
             raise
-        finally:
-            driver.execute(f"PRAGMA wal_autocheckpoint={self._checkpoint_pages}")
+        if durable:
+            self._note_sync(time.perf_counter() - began)
+
+    async def _commit_aside(
+        self, committer: ThreadPoolExecutor, driver: sqlite3.Connection, *, durable: bool
+    ) -> None:
+        """Commit on the committer thread, then checkpoint there if the WAL is due; roll back if it fails."""
+
+        def commit() -> float:
+            began = time.perf_counter()
+            driver.commit()
+            took = time.perf_counter() - began
+            if _file_size(self._wal_path) > self._wal_limit_bytes:
+                try:
+                    driver.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:
+                    log.warning("checkpoint of %s failed (%s); the next commit tries again", self._url, exc)
+            return took
+
+        try:
+            took = await _finished_on(committer, commit)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            driver.rollback()
+            raise
+        if durable:
+            self._note_sync(took)
 
     def _note_sync(self, seconds: float) -> None:
         self._recent_sync_s += (seconds - self._recent_sync_s) * _SYNC_MEAN_WEIGHT
@@ -484,23 +505,6 @@ async def _begin_immediate(driver: sqlite3.Connection) -> None:
                 raise
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.05)
-
-
-async def _commit_on(committer: ThreadPoolExecutor, driver: sqlite3.Connection) -> float:
-    """Commit in the committer thread and return how long the commit took; roll back if it fails."""
-
-    def commit() -> float:
-        began = time.perf_counter()
-        driver.commit()
-        return time.perf_counter() - began
-
-    try:
-        return await _finished_on(committer, commit)
-    except asyncio.CancelledError:
-        raise
-    except BaseException:
-        driver.rollback()
-        raise
 
 
 async def _finished_on(executor: ThreadPoolExecutor, work: Callable[[], T]) -> T:
