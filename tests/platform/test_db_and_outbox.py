@@ -13,12 +13,12 @@ from typing import ClassVar
 import pytest
 import sqlalchemy as sa
 
+from tests.support.databases import commit_waits_for_the_disk, syncs_written
 from tests.support.polling import eventually
 from tests.support.tasks import running_in_background
 from threadline.platform.clock import utcnow
 from threadline.platform.db import (
     Command,
-    Connection,
     Database,
     InsertIgnoringConflicts,
     Migrations,
@@ -32,6 +32,7 @@ from threadline.platform.db import (
     page_of,
     processed_events_table,
 )
+from threadline.platform.durability import Deferral, deferring
 from threadline.platform.events import Event, EventHandler, EventPayload, InProcessBus
 from threadline.platform.ids import new_id
 from threadline.platform.in_flight import serving_a_request
@@ -205,7 +206,7 @@ async def test_migrations_are_idempotent_across_reopenings(db_url: str, migratio
             await add_note(database, f"note {round_}")
             assert await count(database, notes_table) == round_ + 1
             assert await versions(database, "notes_alembic_version") == ["notes_0001"]
-            assert await versions(database, "platform_alembic_version") == ["platform_0001"]
+            assert await versions(database, "platform_alembic_version") == ["platform_0002"]
         finally:
             await database.close()
 
@@ -285,14 +286,6 @@ async def test_a_write_that_raises_rolls_back_the_state_change_and_its_event(db:
     await add_note(db, "the next write still works")
     assert await count(db, notes_table) == 1
     assert commits == [1]
-
-
-async def commit_waits_for_the_disk(conn: Connection) -> bool:
-    """Whether this transaction's commit will wait until the disk has it."""
-    if conn.dialect.name == "postgresql":
-        return str(await conn.scalar(sa.text("SHOW synchronous_commit"))) != "off"
-    # 2 is FULL (WAL synced at every commit), 1 NORMAL (synced at checkpoints only).
-    return int(await conn.scalar(sa.text("PRAGMA synchronous"))) == 2
 
 
 async def test_a_non_durable_write_commits_without_a_disk_sync_and_only_itself(
@@ -710,6 +703,166 @@ async def test_a_failing_in_process_handler_leaves_the_event_to_be_delivered_aga
     assert await relay.drain() == 1
     assert attempts == [event.id, event.id]
     assert await unsent(db) == 0
+
+
+async def test_a_write_under_a_deferral_does_not_wait_for_the_disk_and_notes_its_database(
+    db: Database, db_url: str
+) -> None:
+    """A handler's write leaves its sync to the deferral; one asked to be durable, or outside, waits."""
+    deferral = Deferral()
+    with deferring(deferral):
+        async with db.write() as conn:
+            await conn.execute(notes_table.insert().values(id=new_id(), body="handled"))
+            deferred_waits = await commit_waits_for_the_disk(conn)
+        async with db.write(durable=True) as conn:
+            asked_waits = await commit_waits_for_the_disk(conn)
+    async with db.write() as conn:
+        outside_waits = await commit_waits_for_the_disk(conn)
+    # The asyncio engine leaves SQLite's setting as it is: every commit through it waits.
+    assert deferred_waits is db_url.startswith("sqlite+aiosqlite")
+    assert asked_waits
+    assert outside_waits
+    assert deferral.close() == [db]
+    assert await count(db, notes_table) == 1
+
+
+async def test_a_closed_deferral_defers_no_more_writes(db: Database) -> None:
+    """A task a handler left behind that writes after its event was settled waits for the disk itself."""
+    deferral = Deferral()
+    deferral.close()
+    with deferring(deferral):
+        async with db.write() as conn:
+            assert await commit_waits_for_the_disk(conn)
+    assert deferral.close() == []
+
+
+async def test_sync_commits_one_mark_for_callers_at_once_and_none_when_nothing_changed(db: Database) -> None:
+    """Callers waiting together share one sync; with no commit since the last, there is nothing to sync."""
+    await db.sync()
+    assert await syncs_written(db) == 0
+    await add_note(db, "first")
+    await asyncio.gather(*(db.sync() for _ in range(5)))
+    assert await syncs_written(db) == 1
+    await db.sync()
+    assert await syncs_written(db) == 1
+    await add_note(db, "second")
+    await db.sync()
+    assert await syncs_written(db) == 2
+
+
+async def test_a_deferred_write_that_emits_events_is_synced_before_it_returns(db: Database) -> None:
+    """Its events leave the process once the relay reads them, so they must be on the disk first."""
+    with deferring(Deferral()):
+        await add_note(db, "emits")
+    assert await syncs_written(db) == 1
+
+
+class HeldSyncs:
+    """Holds a database's syncs until `release`d, counting those asked for."""
+
+    def __init__(self, database: Database) -> None:
+        self.asked = 0
+        self._released = asyncio.Event()
+        self._sync = database.sync
+        database.sync = self.sync  # type: ignore[method-assign]
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def sync(self) -> None:
+        self.asked += 1
+        await self._released.wait()
+        await self._sync()
+
+
+@pytest.fixture
+async def consumer_db(tmp_path: Path, migrations: Migrations) -> AsyncIterator[Database]:
+    """A second database, as a consumer in the same process has."""
+    async with opened_sqlite(tmp_path / "consumer.db", migrations, WriterSettings()) as database:
+        yield database
+
+
+def copying_into(consumer_db: Database, waited: list[bool]) -> InProcessBus:
+    """An in-process bus whose one consumer copies each note into `consumer_db`, noting if it waited."""
+    bus = InProcessBus()
+
+    async def copy(event: Event) -> None:
+        async with consumer_db.write() as conn:
+            await conn.execute(notes_table.insert().values(id=event.data["note_id"], body="copy"))
+            waited.append(await commit_waits_for_the_disk(conn))
+
+    bus.subscribe("copier", NoteAdded.TYPE, copy)
+    return bus
+
+
+async def test_an_event_is_marked_sent_only_once_its_consumers_writes_are_synced(
+    db: Database, consumer_db: Database
+) -> None:
+    """The consumer's commits do not wait for the disk; the relay syncs them before it marks the events."""
+    waited: list[bool] = []
+    held = HeldSyncs(consumer_db)
+    relay = OutboxRelay(
+        db, copying_into(consumer_db, waited), name=SOURCE, poll_seconds=30, settle_after_s=0.01
+    )
+    for index in range(3):
+        await add_note(db, f"note {index}")
+    async with running_in_background(relay.run()):
+
+        async def handled_and_sync_asked() -> None:
+            assert waited == [False, False, False]
+            assert held.asked == 1
+
+        await eventually(handled_and_sync_asked)
+        assert await unsent(db) == 3
+        held.release()
+
+        async def marked() -> None:
+            assert await unsent(db) == 0
+
+        await eventually(marked)
+    assert await syncs_written(consumer_db) == 1
+    assert await count(consumer_db, notes_table) == 3
+
+
+async def test_events_handled_within_one_window_share_one_sync(db: Database, consumer_db: Database) -> None:
+    """Ten events waiting when the relay starts cost their consumer one sync; a later one, another."""
+    waited: list[bool] = []
+    relay = OutboxRelay(db, copying_into(consumer_db, waited), name=SOURCE, poll_seconds=30, batch=4)
+    for index in range(10):
+        await add_note(db, f"note {index}")
+    async with running_in_background(relay.run()):
+
+        async def all_marked(events: int) -> None:
+            assert await unsent(db) == 0
+            assert len(waited) == events
+
+        await eventually(lambda: all_marked(10))
+        assert await syncs_written(consumer_db) == 1
+        await add_note(db, "later")
+        await eventually(lambda: all_marked(11))
+        assert await syncs_written(consumer_db) == 2
+    assert not any(waited)
+
+
+async def test_a_relay_stopped_marks_the_events_its_consumers_handled(
+    db: Database, consumer_db: Database
+) -> None:
+    """Stopping within a window syncs and marks what was handled, so a restart does not deliver it again."""
+    waited: list[bool] = []
+    relay = OutboxRelay(
+        db, copying_into(consumer_db, waited), name=SOURCE, poll_seconds=30, settle_after_s=300
+    )
+    for index in range(3):
+        await add_note(db, f"note {index}")
+    async with running_in_background(relay.run()):
+
+        async def handled() -> None:
+            assert len(waited) == 3
+
+        await eventually(handled)
+        assert await unsent(db) == 3
+    assert await unsent(db) == 0
+    assert await syncs_written(consumer_db) == 1
 
 
 async def test_prune_forgets_only_events_sent_over_an_hour_ago(db: Database) -> None:

@@ -7,11 +7,14 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
+from tests.support.databases import commit_waits_for_the_disk, syncs_written
+from threadline.platform.db import Database, Transaction
 from threadline.platform.events import Event
 from threadline.platform.nats_bus import NatsBus, NatsUnavailableError
 from threadline.platform.nats_server import EmbeddedNats
@@ -279,3 +282,53 @@ async def test_closing_mid_handler_hands_the_event_back_at_once(nats_url: str, m
     await eventually(lambda: len(inbox.events) == 1, "the event is delivered again")
     assert inbox.ids == [event.id]
     assert time.monotonic() - began < 20, "redelivered only after ack_wait (30 s)"
+
+
+async def unacknowledged(url: str, bus: NatsBus, durable: str) -> int:
+    """How many messages JetStream has delivered to the consumer without an acknowledgment."""
+    nc = Client()
+    await nc.connect(url, allow_reconnect=False, connect_timeout=2)
+    try:
+        info = await nc.jetstream().consumer_info(bus.stream, durable)
+        return int(info.num_ack_pending or 0)
+    finally:
+        await nc.close()
+
+
+async def test_an_event_is_acknowledged_only_once_its_handlers_writes_are_synced(
+    nats_url: str, make_bus: MakeBus, tmp_path: Path
+) -> None:
+    """The handler's commit does not wait for the disk; the ack waits for the database's sync."""
+    db = Database(f"sqlite:///{tmp_path / 'consumer.db'}")
+    await db.open([])
+    released = asyncio.Event()
+    synced = db.sync
+
+    async def held_sync() -> None:
+        await released.wait()
+        await synced()
+
+    db.sync = held_sync  # type: ignore[method-assign]
+    waited: list[bool] = []
+
+    async def record(event: Event) -> None:
+        async with db.write() as conn:
+            await Transaction(conn, "posts").claim_event("posts", event.id)
+            waited.append(await commit_waits_for_the_disk(conn))
+
+    bus = make_bus(nats_url)
+    bus.subscribe("posts", "user.updated", record)
+    try:
+        await bus.start()
+        await bus.publish(user_updated(1))
+        await eventually(lambda: waited == [False], "the event is handled without waiting for the disk")
+        assert await unacknowledged(nats_url, bus, "posts__user_updated") == 1
+        released.set()
+        deadline = time.monotonic() + DEADLINE_SECONDS
+        while await unacknowledged(nats_url, bus, "posts__user_updated"):
+            assert time.monotonic() < deadline, "not acknowledged once synced"
+            await asyncio.sleep(0.05)
+        assert await syncs_written(db) == 1
+    finally:
+        await bus.close()
+        await db.close()

@@ -27,6 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from threadline.platform.clock import utcnow
+from threadline.platform.durability import current_deferral
 from threadline.platform.events import Event, EventPayload
 from threadline.platform.in_flight import other_requests_in_flight
 from threadline.platform.pagination import PageRequest
@@ -97,6 +98,13 @@ processed_events_table = sa.Table(
     sa.Column("consumer", sa.String(100), primary_key=True),
     sa.Column("event_id", sa.String(36), primary_key=True),
     sa.Column("processed_at", UtcDateTime, nullable=False),
+)
+
+sync_marks_table = sa.Table(
+    "sync_marks",
+    chassis_metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("syncs", sa.Integer, nullable=False),
 )
 
 
@@ -592,6 +600,11 @@ class Database:
         self._events_committed_hooks: list[Callable[[], None]] = []
         self._engine: _Engine = _SqliteOnLoop(url, writer) if url.startswith("sqlite:") else _AsyncEngine(url)
         self._open = False
+        # Commits made and commits known to be on the disk, counted by this process (see `sync`).
+        self._commits = 0
+        self._synced = 0
+        self._events_deferred_up_to = 0
+        self._sync_lock = asyncio.Lock()
 
     async def open(self, migrations: Sequence[Migrations]) -> None:
         """Connect and bring the schema up to date (chassis tables first, then the service's)."""
@@ -608,19 +621,56 @@ class Database:
         self._events_committed_hooks.append(hook)
 
     @asynccontextmanager
-    async def write(self, *, durable: bool = True, off_loop: bool = False) -> AsyncIterator[Connection]:
+    async def write(
+        self, *, durable: bool | None = None, off_loop: bool = False
+    ) -> AsyncIterator[Connection]:
         """A write transaction: committed when the block ends, rolled back if it raises.
 
         A commit that is not `durable` returns before the disk has it: it survives the process
         crashing but may be lost with the machine. Only for bookkeeping whose loss is harmless.
+        By default (None) a commit is durable, except under a deferral (an event handler's: see
+        `durability`), which syncs the database before the event is acknowledged.
         A transaction that may take long (hundreds of milliseconds) asks for `off_loop`: with SQLite,
         whose statements otherwise run on the event loop's thread, they then run on another.
         """
+        deferred = False
+        if durable is None:
+            deferral = current_deferral()
+            deferred = deferral is not None and deferral.defer(self)
+            durable = not deferred
         async with self._engine.write(durable=durable, off_loop=off_loop) as conn:
             yield conn
+        self._commits += 1
         if conn.events_emitted:
+            if deferred:
+                # Its events leave the process once the relay reads them: they must not outlive it.
+                self._events_deferred_up_to = self._commits
+                await self.sync()
             for hook in self._events_committed_hooks:
                 hook()
+
+    async def sync_events(self) -> None:
+        """Return once every event committed is on the disk (a relay's call before it reads them)."""
+        if self._synced < self._events_deferred_up_to:
+            await self.sync()
+
+    async def sync(self) -> None:
+        """Return once every commit made so far is on the disk; callers meanwhile share one sync.
+
+        A durable commit of a one-row change: it waits until the log holding every earlier
+        commit is on the disk (SQLite's WAL and PostgreSQL's log are both written in order).
+        """
+        wanted = self._commits
+        if self._synced >= wanted:
+            return
+        async with self._sync_lock:
+            if self._synced >= wanted:
+                return
+            covered = self._commits
+            async with self._engine.write(durable=True, off_loop=False) as conn:
+                if await conn.run(_COUNT_SYNC, {}) == 0:
+                    await conn.run(_FIRST_SYNC, {})
+            self._synced = covered
 
     def read(self) -> AbstractAsyncContextManager[Connection]:
         """A read-only transaction with a consistent snapshot."""
@@ -856,6 +906,8 @@ def _utc_from_sqlite_text(value: str | None) -> datetime | None:
 
 
 _OUTBOX_INSERT = Command(outbox_table.insert())
+_COUNT_SYNC = Command(sync_marks_table.update().values(syncs=sync_marks_table.c.syncs + 1))
+_FIRST_SYNC = Command(sync_marks_table.insert().values(id=1, syncs=1))
 
 
 def add_to_counter(key: sa.Column[Any], counter: sa.Column[int]) -> Command:

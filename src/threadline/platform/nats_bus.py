@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
+from threadline.platform.durability import SETTLE_AFTER_S, Deferral, SettleWindow, deferring
 from threadline.platform.events import Event, EventHandler
 
 __all__ = ["NatsBus", "NatsUnavailableError"]
@@ -32,6 +33,8 @@ _DUPLICATE_WINDOW_SECONDS = 120.0
 _ACK_WAIT_SECONDS = 30.0
 _FETCH_BATCH = 32
 _FETCH_SECONDS = 3.0
+# A fetch while handled events wait for their sync returns by then; nats-py wants a positive timeout.
+_FETCH_AT_LEAST_S = 0.001
 _REDELIVERY_FIRST_DELAY_SECONDS = 0.5
 _REDELIVERY_MAX_DELAY_SECONDS = 30.0
 _RECOVERY_FIRST_DELAY_SECONDS = 0.2
@@ -219,38 +222,57 @@ class NatsBus:
         return await js.pull_subscribe_bind(durable=sub.durable, stream=self._stream)
 
     async def _consume(self, sub: _Subscription, pull: JetStreamContext.PullSubscription | None) -> None:
-        """Fetch and handle forever; connection trouble only delays delivery, never ends it."""
-        recovery_delay = _RECOVERY_FIRST_DELAY_SECONDS
-        while True:
-            try:
-                if pull is None:
-                    await self._ensure_stream()
-                    pull = await self._bind(sub)
-                try:
-                    messages = await pull.fetch(_FETCH_BATCH, timeout=_FETCH_SECONDS)
-                except TimeoutError:
-                    continue
-                await self._handle_all(sub, messages)
-                recovery_delay = _RECOVERY_FIRST_DELAY_SECONDS
-            except Exception as exc:
-                log.warning(
-                    "consumer %s of %s: %r; retrying in %.1fs",
-                    sub.consumer,
-                    sub.event_type,
-                    exc,
-                    recovery_delay,
-                )
-                if pull is not None:
-                    with contextlib.suppress(Exception):
-                        await pull.unsubscribe()
-                    pull = None
-                await asyncio.sleep(recovery_delay)
-                recovery_delay = min(recovery_delay * 2, _RECOVERY_MAX_DELAY_SECONDS)
+        """Fetch and handle forever; connection trouble only delays delivery, never ends it.
 
-    async def _handle_all(self, sub: _Subscription, messages: list[Msg]) -> None:
+        An event is acknowledged once what its handler wrote is on the disk: the handler's
+        commits do not wait for it (see `durability`), and the database is synced once per
+        window for every event handled in it.
+        """
+        handled: SettleWindow[Msg] = SettleWindow(_ack_all, settle_after_s=SETTLE_AFTER_S, most=_FETCH_BATCH)
+        recovery_delay = _RECOVERY_FIRST_DELAY_SECONDS
+        try:
+            while True:
+                try:
+                    if pull is None:
+                        await self._ensure_stream()
+                        pull = await self._bind(sub)
+                    await handled.settle_if_due()
+                    due = handled.due_in()
+                    try:
+                        messages = await pull.fetch(
+                            _FETCH_BATCH,
+                            timeout=_FETCH_SECONDS if due is None else max(due, _FETCH_AT_LEAST_S),
+                        )
+                    except TimeoutError:
+                        continue
+                    await self._handle_all(sub, messages, handled)
+                    recovery_delay = _RECOVERY_FIRST_DELAY_SECONDS
+                except Exception as exc:
+                    log.warning(
+                        "consumer %s of %s: %r; retrying in %.1fs",
+                        sub.consumer,
+                        sub.event_type,
+                        exc,
+                        recovery_delay,
+                    )
+                    if pull is not None:
+                        with contextlib.suppress(Exception):
+                            await pull.unsubscribe()
+                        pull = None
+                    await asyncio.sleep(recovery_delay)
+                    recovery_delay = min(recovery_delay * 2, _RECOVERY_MAX_DELAY_SECONDS)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await handled.settle()
+            raise
+
+    async def _handle_all(self, sub: _Subscription, messages: list[Msg], handled: SettleWindow[Msg]) -> None:
+        deferral = Deferral()
         for position, message in enumerate(messages):
             try:
-                await self._handle(sub, message)
+                with deferring(deferral):
+                    if await self._handle(sub, message):
+                        handled.add(message, deferral)
             except asyncio.CancelledError:
                 # Hand back what was not handled now rather than after ack_wait, so a consumer
                 # restarted by a redeploy gets it at once.
@@ -259,7 +281,8 @@ class NatsBus:
                         await unhandled.nak()
                 raise
 
-    async def _handle(self, sub: _Subscription, message: Msg) -> None:
+    async def _handle(self, sub: _Subscription, message: Msg) -> bool:
+        """Handle one message; True if it waits to be acknowledged, False if it was answered already."""
         try:
             event = Event.from_json(message.data)
         except (ValueError, KeyError, TypeError):
@@ -269,7 +292,7 @@ class NatsBus:
                 message.subject,
             )
             await message.term()
-            return
+            return False
         try:
             await sub.handler(event)
         except Exception:
@@ -287,5 +310,12 @@ class NatsBus:
                 delay,
             )
             await message.nak(delay=delay)
-            return
-        await message.ack()
+            return False
+        return True
+
+
+async def _ack_all(messages: list[Msg]) -> None:
+    """Acknowledge handled messages; one that fails to is delivered again after the ack wait."""
+    for message in messages:
+        with contextlib.suppress(Exception):
+            await message.ack()

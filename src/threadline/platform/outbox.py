@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from threadline.platform.clock import utcnow
 from threadline.platform.db import Command, Database, Query, outbox_table
+from threadline.platform.durability import SETTLE_AFTER_S, Deferral, SettleWindow, deferring
 from threadline.platform.events import Bus, Event
 
 __all__ = ["OutboxRelay"]
@@ -30,9 +31,14 @@ _PRUNE_OLDEST = Command(
         outbox_table.c.sent_at < sa.bindparam("sent_before"),
     )
 )
+# Less those published and waiting for their mark: by seq, not "after the last one published",
+# since on PostgreSQL a later seq can commit first.
 _UNSENT = Query(
     sa.select(outbox_table.c.seq, outbox_table.c.body)
-    .where(outbox_table.c.sent_at.is_(None))
+    .where(
+        outbox_table.c.sent_at.is_(None),
+        outbox_table.c.seq.not_in(sa.bindparam("held", expanding=True)),
+    )
     .order_by(outbox_table.c.seq)
     .limit(sa.bindparam("batch", type_=sa.Integer))
 )
@@ -44,7 +50,12 @@ _MARK_SENT = Command(
 
 
 class OutboxRelay:
-    """Moves events from one database's outbox onto the bus; marks each sent only once published."""
+    """Moves events from one database's outbox onto the bus; marks each sent only once published.
+
+    In one process with its consumers (the in-process bus), an event counts as published once
+    what its handlers wrote is on the disk: their commits do not wait for it (see `durability`),
+    and the relay syncs their databases once per `settle_after_s`, then marks the events sent.
+    """
 
     def __init__(
         self,
@@ -56,6 +67,7 @@ class OutboxRelay:
         batch: int = 100,
         prune_every_s: float = 600.0,
         prune_batch: int = 1000,
+        settle_after_s: float = SETTLE_AFTER_S,
     ) -> None:
         self._db = db
         self._bus = bus
@@ -65,6 +77,9 @@ class OutboxRelay:
         self._prune_every_s = prune_every_s
         self._prune_batch = prune_batch
         self._wakeup = asyncio.Event()
+        self._unmarked: SettleWindow[int] = SettleWindow(
+            self._mark_sent, settle_after_s=settle_after_s, most=batch
+        )
         db.on_events_committed(self.wake)
 
     def wake(self) -> None:
@@ -72,32 +87,41 @@ class OutboxRelay:
         self._wakeup.set()
 
     async def drain(self) -> int:
-        """Publish every unsent event, oldest first; returns how many were published.
+        """Publish every unsent event, oldest first, and mark them sent; returns how many were published.
 
-        Each batch is marked sent in one transaction after its events are published; a crash in
-        between publishes them again, which the bus's deduplication and the consumers' guard absorb.
-        For the same reason the mark is not waited onto the disk (a non-durable commit): losing it
-        with the machine costs a redelivery, and saves a disk sync per batch.
-        A short batch ends the drain: anything committed since woke the relay for another one.
+        A crash before the mark publishes them again, which the bus's deduplication and the
+        consumers' guard absorb. For the same reason the mark is not waited onto the disk (a
+        non-durable commit): losing it with the machine costs a redelivery, and saves a disk sync.
+        """
+        try:
+            return await self._publish_unsent()
+        finally:
+            await self._unmarked.settle()
+
+    async def _publish_unsent(self) -> int:
+        """Publish what is unsent and not waiting for its mark, oldest first; how many were published.
+
+        A short batch ends it: anything committed since woke the relay for another one.
         """
         published = 0
         while True:
+            await self._db.sync_events()
             async with self._db.read() as conn:
-                rows = await conn.fetch(_UNSENT, {"batch": self._batch})
+                rows = await conn.fetch(_UNSENT, {"batch": self._batch, "held": self._unmarked.held()})
             if not rows:
                 return published
-            sent: list[int] = []
-            try:
+            deferral = Deferral()
+            with deferring(deferral):
                 for seq, body in rows:
                     await self._bus.publish(Event.from_json(body))
-                    sent.append(seq)
-            finally:
-                if sent:
-                    async with self._db.write(durable=False) as conn:
-                        await conn.run(_MARK_SENT, {"seqs": sent, "sent_at": utcnow()})
-                    published += len(sent)
+                    self._unmarked.add(seq, deferral)
+                    published += 1
             if len(rows) < self._batch:
                 return published
+
+    async def _mark_sent(self, seqs: list[int]) -> None:
+        async with self._db.write(durable=False) as conn:
+            await conn.run(_MARK_SENT, {"seqs": seqs, "sent_at": utcnow()})
 
     async def prune(self) -> int:
         """Forget events published long enough ago, oldest first, a batch per transaction; how many."""
@@ -113,14 +137,31 @@ class OutboxRelay:
                 return pruned
 
     async def run(self) -> None:
-        """Relay forever: on every wake-up and every poll interval; back off while the bus is down."""
+        """Relay forever: on every wake-up and every poll interval; back off while the bus is down.
+
+        Cancelled, it first marks what its consumers have synced, so that a restart does not
+        deliver those again.
+        """
+        try:
+            await self._relay()
+        except asyncio.CancelledError:
+            try:
+                await self._unmarked.settle()
+            except Exception as exc:
+                log.warning("outbox relay %s: marking at stop failed (%s); sent again later", self._name, exc)
+            raise
+
+    async def _relay(self) -> None:
         backoff = self._poll_seconds
         # By the clock, not by drains: a busy service drains hundreds of times a second.
         prune_at = time.monotonic()
         while True:
             self._wakeup.clear()
             try:
-                await self.drain()
+                try:
+                    await self._publish_unsent()
+                finally:
+                    await self._unmarked.settle_if_due()
                 backoff = self._poll_seconds
                 if time.monotonic() >= prune_at:
                     await self.prune()
@@ -134,6 +175,8 @@ class OutboxRelay:
                 continue
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
             # arrives as the wake-up does, and the relay would then never stop.
+            due = self._unmarked.due_in()
+            wait_s = self._poll_seconds if due is None else min(due, self._poll_seconds)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._poll_seconds):
+                async with asyncio.timeout(wait_s):
                     await self._wakeup.wait()
