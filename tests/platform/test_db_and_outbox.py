@@ -865,6 +865,47 @@ async def test_a_relay_stopped_marks_the_events_its_consumers_handled(
     assert await syncs_written(consumer_db) == 1
 
 
+async def test_an_event_committed_after_a_later_one_was_published_is_still_delivered(db: Database) -> None:
+    """On PostgreSQL a lower seq can commit after a higher one: the relay finds it once its window settles."""
+    received: list[str] = []
+    bus = InProcessBus()
+
+    async def handler(event: Event) -> None:
+        received.append(event.id)
+
+    bus.subscribe("indexer", NoteAdded.TYPE, handler)
+    relay = OutboxRelay(db, bus, name=SOURCE, poll_seconds=30, settle_after_s=1.0)
+    first = await add_note(db, "published first")
+    async with db.write() as conn:
+        # Leave seq 1 free for the event that commits late.
+        await conn.execute(outbox_table.update().where(outbox_table.c.seq == 1).values(seq=2))
+    async with running_in_background(relay.run()):
+
+        async def delivered(expected: list[str]) -> None:
+            assert received == expected
+
+        # Published and, within its window, not marked yet: the relay reads past it.
+        await eventually(lambda: delivered([first.id]))
+        straggler = Event.of(SOURCE, NoteAdded(note_id=new_id(), body="committed late"))
+        async with db.write() as conn:
+            await conn.execute(
+                outbox_table.insert().values(
+                    seq=1,
+                    event_id=straggler.id,
+                    type=straggler.type,
+                    body=straggler.to_json(),
+                    created_at=utcnow(),
+                )
+            )
+        relay.wake()
+        await eventually(lambda: delivered([first.id, straggler.id]))
+
+        async def all_marked() -> None:
+            assert await unsent(db) == 0
+
+        await eventually(all_marked)
+
+
 async def test_prune_forgets_only_events_sent_over_an_hour_ago(db: Database) -> None:
     """Sent rows older than an hour are deleted; recent sent rows and unsent rows stay."""
     old, recent, pending = [await add_note(db, name) for name in ("old", "recent", "pending")]

@@ -98,9 +98,9 @@ class SettleWindow(Generic[T]):
         if not self._deferrals or self._deferrals[-1] is not deferral:
             self._deferrals.append(deferral)
 
-    def held(self) -> list[T]:
-        """The items waiting, oldest first."""
-        return list(self._items)
+    def newest(self) -> T | None:
+        """The item added last of those waiting, if any."""
+        return self._items[-1] if self._items else None
 
     def due_in(self) -> float | None:
         """Seconds until the held items should be settled (0 if now); None if none are held."""

@@ -31,14 +31,11 @@ _PRUNE_OLDEST = Command(
         outbox_table.c.sent_at < sa.bindparam("sent_before"),
     )
 )
-# Less those published and waiting for their mark: by seq, not "after the last one published",
-# since on PostgreSQL a later seq can commit first.
+# Past those published and waiting for their mark (`after`): on PostgreSQL a lower seq can commit
+# after a higher one, and such an event is found once the window is settled, with `after` 0 again.
 _UNSENT = Query(
     sa.select(outbox_table.c.seq, outbox_table.c.body)
-    .where(
-        outbox_table.c.sent_at.is_(None),
-        outbox_table.c.seq.not_in(sa.bindparam("held", expanding=True)),
-    )
+    .where(outbox_table.c.sent_at.is_(None), outbox_table.c.seq > sa.bindparam("after", type_=sa.Integer))
     .order_by(outbox_table.c.seq)
     .limit(sa.bindparam("batch", type_=sa.Integer))
 )
@@ -106,8 +103,9 @@ class OutboxRelay:
         published = 0
         while True:
             await self._db.sync_events()
+            after = self._unmarked.newest() or 0
             async with self._db.read() as conn:
-                rows = await conn.fetch(_UNSENT, {"batch": self._batch, "held": self._unmarked.held()})
+                rows = await conn.fetch(_UNSENT, {"batch": self._batch, "after": after})
             if not rows:
                 return published
             deferral = Deferral()
@@ -158,10 +156,10 @@ class OutboxRelay:
         while True:
             self._wakeup.clear()
             try:
-                try:
-                    await self._publish_unsent()
-                finally:
-                    await self._unmarked.settle_if_due()
+                # Settled first: with none waiting, the read below also finds any event that
+                # committed behind one already published.
+                await self._unmarked.settle_if_due()
+                await self._publish_unsent()
                 backoff = self._poll_seconds
                 if time.monotonic() >= prune_at:
                     await self.prune()
