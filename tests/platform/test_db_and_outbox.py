@@ -827,7 +827,7 @@ async def test_an_event_is_marked_sent_only_once_its_consumers_writes_are_synced
 async def test_events_handled_within_one_window_share_one_sync(db: Database, consumer_db: Database) -> None:
     """Ten events waiting when the relay starts cost their consumer one sync; a later one, another."""
     waited: list[bool] = []
-    relay = OutboxRelay(db, copying_into(consumer_db, waited), name=SOURCE, poll_seconds=30, batch=4)
+    relay = OutboxRelay(db, copying_into(consumer_db, waited), name=SOURCE, poll_seconds=30)
     for index in range(10):
         await add_note(db, f"note {index}")
     async with running_in_background(relay.run()):
@@ -863,6 +863,23 @@ async def test_a_relay_stopped_marks_the_events_its_consumers_handled(
         assert await unsent(db) == 3
     assert await unsent(db) == 0
     assert await syncs_written(consumer_db) == 1
+
+
+async def test_a_backlog_is_marked_a_batch_at_a_time_while_it_is_published(db: Database) -> None:
+    """A long backlog's marks do not wait for its end: before each batch, the ones before it are marked."""
+    unsent_when_handled: list[int] = []
+    bus = InProcessBus()
+
+    async def handler(event: Event) -> None:
+        unsent_when_handled.append(await unsent(db))
+
+    bus.subscribe("indexer", NoteAdded.TYPE, handler)
+    relay = OutboxRelay(db, bus, name=SOURCE, poll_seconds=30, batch=3, settle_after_s=300)
+    for index in range(9):
+        await add_note(db, f"note {index}")
+    assert await relay.drain() == 9
+    assert unsent_when_handled == [9, 9, 9, 6, 6, 6, 3, 3, 3]
+    assert await unsent(db) == 0
 
 
 async def test_an_event_committed_after_a_later_one_was_published_is_still_delivered(db: Database) -> None:

@@ -116,6 +116,8 @@ class OutboxRelay:
                     published += 1
             if len(rows) < self._batch:
                 return published
+            # A backlog is published a batch at a time; its marks must not wait for the end of it.
+            await self._unmarked.settle_if_due()
 
     async def _mark_sent(self, seqs: list[int]) -> None:
         async with self._db.write(durable=False) as conn:
