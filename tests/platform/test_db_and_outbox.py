@@ -148,6 +148,11 @@ async def add_note(db: Database, body: str, *, note_id: str | None = None) -> Ev
         return await Transaction(conn, SOURCE).emit(NoteAdded(note_id=note_id, body=body))
 
 
+async def add_notes(db: Database, how_many: int) -> list[Event]:
+    """That many notes, a transaction each; their events in order."""
+    return [await add_note(db, f"note {index}") for index in range(how_many)]
+
+
 async def count(db: Database, table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
     async with db.read() as conn:
         return int(
@@ -597,7 +602,7 @@ async def test_drain_publishes_pending_events_in_outbox_order_and_marks_them_sen
     """Every unsent event goes to the bus oldest first, once; a second drain has nothing to do."""
     bus = FakeBus()
     relay = OutboxRelay(db, bus, name=SOURCE, poll_seconds=30)
-    emitted = [await add_note(db, f"note {index}") for index in range(5)]
+    emitted = await add_notes(db, 5)
     async with db.write() as conn:
         transaction = Transaction(conn, SOURCE)
         emitted += [await transaction.emit(NoteAdded(note_id=new_id(), body=f"batch {i}")) for i in range(3)]
@@ -613,7 +618,7 @@ async def test_drain_reads_in_batches_without_losing_or_reordering(db: Database)
     """With a batch smaller than the backlog, every event still goes out once, in order."""
     bus = FakeBus()
     relay = OutboxRelay(db, bus, name=SOURCE, poll_seconds=30, batch=3)
-    emitted = [await add_note(db, f"note {index}") for index in range(10)]
+    emitted = await add_notes(db, 10)
     assert await relay.drain() == 10
     assert bus.ids == [event.id for event in emitted]
 
@@ -622,7 +627,7 @@ async def test_a_failed_publish_leaves_the_event_unsent_for_the_next_drain(db: D
     """When publishing the second event fails, the first stays sent and the rest are published next time."""
     bus = FakeBus(fail_attempts=frozenset({2}))
     relay = OutboxRelay(db, bus, name=SOURCE, poll_seconds=30)
-    emitted = [await add_note(db, f"note {index}") for index in range(3)]
+    emitted = await add_notes(db, 3)
     with pytest.raises(ConnectionError):
         await relay.drain()
     assert bus.ids == [emitted[0].id]
@@ -636,7 +641,7 @@ async def test_the_running_relay_retries_a_failing_bus_until_every_event_is_deli
     """A bus failing its first publishes gets every event eventually, in order, none lost or doubled."""
     bus = FakeBus(fail_first=3)
     relay = OutboxRelay(db, bus, name=SOURCE, poll_seconds=0.05)
-    emitted = [await add_note(db, f"note {index}") for index in range(4)]
+    emitted = await add_notes(db, 4)
     async with running_in_background(relay.run()):
 
         async def all_delivered() -> None:
@@ -804,8 +809,7 @@ async def test_an_event_is_marked_sent_only_once_its_consumers_writes_are_synced
     relay = OutboxRelay(
         db, copying_into(consumer_db, waited), name=SOURCE, poll_seconds=30, settle_after_s=0.01
     )
-    for index in range(3):
-        await add_note(db, f"note {index}")
+    await add_notes(db, 3)
     async with running_in_background(relay.run()):
 
         async def handled_and_sync_asked() -> None:
@@ -828,8 +832,7 @@ async def test_events_handled_within_one_window_share_one_sync(db: Database, con
     """Ten events waiting when the relay starts cost their consumer one sync; a later one, another."""
     waited: list[bool] = []
     relay = OutboxRelay(db, copying_into(consumer_db, waited), name=SOURCE, poll_seconds=30)
-    for index in range(10):
-        await add_note(db, f"note {index}")
+    await add_notes(db, 10)
     async with running_in_background(relay.run()):
 
         async def all_marked(events: int) -> None:
@@ -852,8 +855,7 @@ async def test_a_relay_stopped_marks_the_events_its_consumers_handled(
     relay = OutboxRelay(
         db, copying_into(consumer_db, waited), name=SOURCE, poll_seconds=30, settle_after_s=300
     )
-    for index in range(3):
-        await add_note(db, f"note {index}")
+    await add_notes(db, 3)
     async with running_in_background(relay.run()):
 
         async def handled() -> None:
@@ -875,8 +877,7 @@ async def test_a_backlog_is_marked_a_batch_at_a_time_while_it_is_published(db: D
 
     bus.subscribe("indexer", NoteAdded.TYPE, handler)
     relay = OutboxRelay(db, bus, name=SOURCE, poll_seconds=30, batch=3, settle_after_s=300)
-    for index in range(9):
-        await add_note(db, f"note {index}")
+    await add_notes(db, 9)
     assert await relay.drain() == 9
     assert unsent_when_handled == [9, 9, 9, 6, 6, 6, 3, 3, 3]
     assert await unsent(db) == 0
