@@ -667,7 +667,8 @@ class Database:
             if self._synced >= wanted:
                 return
             covered = self._commits
-            async with self._engine.write(durable=True, off_loop=False) as conn:
+            # Off the loop: it waits for everything written since the last sync, possibly megabytes.
+            async with self._engine.write(durable=True, off_loop=True) as conn:
                 if await conn.run(_COUNT_SYNC, {}) == 0:
                     await conn.run(_FIRST_SYNC, {})
             self._synced = covered

@@ -114,6 +114,9 @@ class OutboxRelay:
                     await self._bus.publish(Event.from_json(body))
                     self._unmarked.add(seq, deferral)
                     published += 1
+                    # In one process the handlers' commits return without a thread hand-off, so
+                    # without this a batch of a hundred events would hold the loop from requests.
+                    await asyncio.sleep(0)
             if len(rows) < self._batch:
                 return published
             # A backlog is published a batch at a time; its marks must not wait for the end of it.
