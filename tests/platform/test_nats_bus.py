@@ -14,6 +14,7 @@ from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
 from tests.support.databases import commit_waits_for_the_disk, syncs_written
+from tests.support.polling import eventually as poll_until
 from threadline.platform.db import Database, Transaction
 from threadline.platform.events import Event
 from threadline.platform.nats_bus import NatsBus, NatsUnavailableError
@@ -324,10 +325,13 @@ async def test_an_event_is_acknowledged_only_once_its_handlers_writes_are_synced
         await eventually(lambda: waited == [False], "the event is handled without waiting for the disk")
         assert await unacknowledged(nats_url, bus, "posts__user_updated") == 1
         released.set()
-        deadline = time.monotonic() + DEADLINE_SECONDS
-        while await unacknowledged(nats_url, bus, "posts__user_updated"):
-            assert time.monotonic() < deadline, "not acknowledged once synced"
-            await asyncio.sleep(0.05)
+
+        async def acknowledged() -> None:
+            assert await unacknowledged(nats_url, bus, "posts__user_updated") == 0, (
+                "not acknowledged once synced"
+            )
+
+        await poll_until(acknowledged, within=DEADLINE_SECONDS)
         assert await syncs_written(db) == 1
     finally:
         await bus.close()
