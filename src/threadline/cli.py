@@ -116,7 +116,17 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--duration", type=float, default=10.0, help="seconds per rate (default 10)")
     bench.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per topology (default 3)")
     bench.add_argument("--p99-bound", type=float, default=200.0, help="p99 bound in ms (default 200)")
-    bench.add_argument("--topologies", default="monolith,microservices", help="which, comma-separated")
+    bench.add_argument(
+        "--topologies", help="which to start here, comma-separated (default monolith,microservices)"
+    )
+    bench.add_argument(
+        "--target",
+        action="append",
+        metavar="[NAME=]URL",
+        help="measure a Threadline already running at this gateway URL instead of starting one (repeatable; "
+        "NAME defaults to the topology it reports); it is seeded like the others, and its CPU, memory, "
+        "cost per operation and bulk loading are left out unless it was started here",
+    )
     bench.add_argument("--thread-reads", action="store_true", help="half the composes become thread reads")
     bench.add_argument("--micro-calls", type=int, default=5000, help="calls per microbenchmark (0 skips)")
     bench.add_argument(
@@ -177,15 +187,23 @@ def _rates(text: str) -> list[float]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from threadline.bench.compare import BenchConfig, run_bench
+    from threadline.bench.compare import BenchConfig, BenchError, Target, run_bench
 
+    if args.target and args.topologies:
+        raise UsageError("give --topologies (started here) or --target (running already), not both")
+    try:
+        targets = [Target.parse(text) for text in args.target or ()]
+    except BenchError as e:
+        raise UsageError(str(e)) from e
+    topologies = args.topologies or "monolith,microservices"
     config = BenchConfig(
         users=args.users,
         posts=args.posts,
         duration_s=args.duration,
         warmup_s=args.warmup,
         p99_bound_ms=args.p99_bound,
-        topologies=tuple(parse_topology(t, SERVICES).name for t in args.topologies.split(",")),
+        topologies=tuple(parse_topology(t, SERVICES).name for t in topologies.split(",")),
+        targets=targets,
         thread_reads=args.thread_reads,
         micro_calls=args.micro_calls,
         op_calls=args.op_calls,
@@ -207,7 +225,11 @@ def _bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    run_bench(config)
+    try:
+        run_bench(config)
+    except BenchError as e:
+        _error(str(e))
+        return _USAGE_ERROR
     return 0
 
 

@@ -5,7 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from threadline.bench.compare import BenchError, Target
 from threadline.cli import main
+from threadline.platform.settings import Settings
+from threadline.runner import free_ports, running
+from threadline.topology import SERVICES, parse_topology
 
 # CPU time is read in nanoseconds, so a few dozen calls of each kind give it a reading.
 OP_CALLS = 30
@@ -76,3 +80,93 @@ def test_bench_refuses_fewer_operation_calls_than_rounds(capsys: pytest.CaptureF
     """A round without calls would measure nothing: the command says what to change, starting nothing."""
     assert main(["bench", "--op-calls", "3", "--op-rounds", "4"]) == 2
     assert "--op-calls 3 cannot be split into 4 rounds" in capsys.readouterr().err
+
+
+def test_bench_measures_a_system_running_already_from_outside(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A target is seeded and offered the rates, its tokens renewed; what needs its processes is left out."""
+    # Tokens that run out before the run ends (three 2 s steps after seeding and warming up): the
+    # requests of the last steps would be refused (401) unless the bench logs the accounts in again.
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        topology="monolith",
+        port=free_ports("127.0.0.1", 1)[0],
+        access_token_ttl_seconds=5,
+    )
+    with running(parse_topology("monolith", SERVICES), settings) as runner:
+        code = main(
+            [
+                "bench",
+                "--target", runner.gateway_url,
+                "--users", "4",
+                "--posts", "12",
+                "--rates", "5,10,15",
+                "--duration", "2",
+                "--warmup", "0.5",
+                "--p99-bound", "5000",
+                "--micro-calls", "0",
+                "--op-calls", str(OP_CALLS),
+                "--op-rounds", str(OP_ROUNDS),
+                "--scale-posts", "100",
+                "--out", str(tmp_path / "results"),
+            ]
+        )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "logging the seeded accounts in again" in printed
+    assert "CPU per operation skipped" in printed
+    assert "not bulk-loaded" in printed
+    result = json.loads((tmp_path / "results" / "latest.json").read_text())
+    assert result["config"]["targets"] == {"monolith": runner.gateway_url}
+    [target] = result["topologies"]
+    assert target["topology"] == "monolith"
+    assert target["processes"] == []
+    assert target["operation_cost"] == {}
+    assert target["scale"] is None
+    assert target["dataset"]["posts"] == 12
+    assert [s["offered_rate"] for s in target["steps"]] == [5, 10, 15]
+    for step in target["steps"]:
+        assert step["completed"] == step["sent"] > 0
+        assert step["errors"] == step["client_errors"] == 0
+        assert step["cpu_ms_per_request"] is None
+        assert step["peak_rss_mb_by_process"] == {}
+    assert (tmp_path / "results" / "latency.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_says_what_to_do_when_nothing_answers_at_a_target(capsys: pytest.CaptureFixture[str]) -> None:
+    """Checked before any seeding: the error names the address and how to start Threadline there."""
+    url = f"http://127.0.0.1:{free_ports('127.0.0.1', 1)[0]}"
+    assert main(["bench", "--target", url, "--micro-calls", "0"]) == 2
+    error = capsys.readouterr().err
+    assert f"nothing answers at {url}" in error
+    assert "threadline up" in error
+
+
+def test_bench_takes_topologies_or_targets_not_both(capsys: pytest.CaptureFixture[str]) -> None:
+    """Starting some topologies and measuring others would compare unlike things: refused, saying so."""
+    assert main(["bench", "--topologies", "monolith", "--target", "http://127.0.0.1:8000"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "target"),
+    [
+        ("http://127.0.0.1:8000", Target("http://127.0.0.1:8000")),
+        ("http://127.0.0.1:8000/", Target("http://127.0.0.1:8000")),
+        ("big=https://threadline.example", Target("https://threadline.example", "big")),
+        ("a=b=http://h:1", Target("http://h:1", "a=b")),
+    ],
+)
+def test_a_target_is_a_base_url_with_an_optional_name(text: str, target: Target) -> None:
+    """The URL is kept without a trailing slash; a name is whatever precedes its last '='."""
+    assert Target.parse(text) == target
+
+
+@pytest.mark.parametrize(
+    "text", ["127.0.0.1:8000", "ftp://h:1", "http://h:1/api/v1", "http://h:1/?a=b", "name=", "http://"]
+)
+def test_a_target_that_is_not_a_gateway_base_url_is_refused(text: str) -> None:
+    """Anything but scheme, host and port would be joined with the API paths into nonsense."""
+    with pytest.raises(BenchError, match=r"base URL|not a URL"):
+        Target.parse(text)

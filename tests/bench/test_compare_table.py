@@ -84,3 +84,25 @@ def test_each_operation_shows_the_range_of_its_rounds() -> None:
     assert "rounds" in next(line for line in lines if line.strip().startswith("kind"))
     assert next(line for line in lines if line.strip().startswith("feed")).split()[2] == "1.10-1.31"
     assert next(line for line in lines if line.strip().startswith("compose")).split()[2] == "-"
+
+
+def test_a_step_that_completed_nothing_shows_dashes_for_its_percentiles() -> None:
+    """All of a step's requests failing leaves its percentiles null: the table still renders, with dashes."""
+    run = result(0.3)
+    run["topologies"][0]["steps"] = [
+        {
+            "offered_rate": 10,
+            "achieved_rate": 0.0,
+            "p50_ms": None,
+            "p90_ms": None,
+            "p99_ms": None,
+            "errors": 20,
+            "client_errors": 0,
+            "cpu_ms_per_request": None,
+            "cpu_ms_per_request_by_process": {},
+            "peak_rss_mb_by_process": {},
+            "stolen_share": None,
+        }
+    ]
+    row = next(line for line in render_table(run).splitlines() if line.split()[:1] == ["10"])
+    assert row.split()[:7] == ["10", "0.0", "-", "-", "-", "20", "-"]

@@ -3,6 +3,7 @@
 import json
 import random
 import statistics
+import time
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -198,3 +199,12 @@ async def test_seed_creates_the_data_set_through_a_real_monolith(tmp_path: Path)
         assert [a.user_id for a in again.accounts] == [a.user_id for a in dataset.accounts]
     finally:
         next(system_run, None)  # runs start_system past its yield, which stops the system
+
+
+def test_a_dataset_knows_when_its_tokens_run_out() -> None:
+    """Without a known expiry nothing is due; otherwise due once it falls within the time asked about."""
+    data = fake_dataset()
+    assert not data.tokens_expire_within(3600)
+    data.tokens_expire_at = time.monotonic() + 60
+    assert data.tokens_expire_within(61)
+    assert not data.tokens_expire_within(30)

@@ -13,11 +13,17 @@ sustainable throughput; the default rates go on rising past their last (by a qua
 until one is not, and after the first rate that is not, rates halfway between narrow it down
 (`RateLadder`). Last, if asked, it grows each data set by bulk loading and measures feed reads
 at both sizes (`threadline.bench.scale`); that changes the data, so nothing follows it.
+
+Instead of starting the topologies it can measure systems already running (`BenchConfig.targets`,
+each a gateway's URL: another machine, or processes started by hand). Those are seeded and offered
+the same rates; what needs their processes on this machine (CPU, memory, the cost per operation,
+the bulk loading) is left out, and said so.
 """
 
 import contextlib
 import io
 import json
+import math
 import platform
 import shutil
 import tempfile
@@ -28,10 +34,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 import uvloop
+from yarl import URL
 
-from threadline.bench.loadgen import LoadResult, MachineTimes, RequestSource, cpu_seconds, run_open_loop
+from threadline.bench.loadgen import (
+    LoadResult,
+    MachineTimes,
+    RequestSource,
+    cpu_seconds,
+    run_open_loop,
+)
 from threadline.bench.opcost import (
     TARGET_CPU_MS_PER_CALL,
     OperationCost,
@@ -40,12 +54,21 @@ from threadline.bench.opcost import (
 )
 from threadline.bench.scale import FEED_CALLS, ScaleReport, measure_at_scale
 from threadline.bench.workload import PAGE as PAGE_SIZE
-from threadline.bench.workload import Dataset, seed, social_mix
+from threadline.bench.workload import Dataset, refresh_tokens, seed, social_mix
 from threadline.platform.settings import Settings
 from threadline.runner import Runner, running
 from threadline.topology import SERVICES, parse_topology
 
-__all__ = ["DEFAULT_RATES", "BenchConfig", "RateLadder", "RateStep", "TopologyReport", "run_bench"]
+__all__ = [
+    "DEFAULT_RATES",
+    "BenchConfig",
+    "BenchError",
+    "RateLadder",
+    "RateStep",
+    "Target",
+    "TopologyReport",
+    "run_bench",
+]
 
 Progress = Callable[[str], None]
 
@@ -64,6 +87,38 @@ CLIMB_FACTOR = 1.25
 # shows as one round apart from the others (their spread is reported) instead of moving one kind.
 OP_ROUNDS = 5
 RATE_CEILING = 50_000.0
+# A rate step's requests may still be answered this long after its last is sent (the generator's
+# timeout): the tokens they carry must outlive that too.
+TOKEN_SPARE_S = 15.0
+STATUS_PATH = "/api/v1/status"
+
+
+class BenchError(Exception):
+    """The bench cannot run as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A running system to measure: its gateway's base URL, and the name to report it by."""
+
+    url: str
+    label: str | None = None
+    """None: the topology its gateway reports at /api/v1/status."""
+
+    @classmethod
+    def parse(cls, text: str) -> "Target":
+        """`[NAME=]http://HOST:PORT`; raises BenchError for anything else."""
+        label, separator, address = text.rpartition("=")
+        if not separator or "://" in label:
+            label, address = "", text
+        try:
+            url = URL(address)
+        except ValueError as exc:
+            raise BenchError(f"--target {text!r} is not a URL: give http://HOST:PORT") from exc
+        base = url.scheme in ("http", "https") and url.host and url.path in ("", "/") and not url.query_string
+        if not base:
+            raise BenchError(f"--target {text!r}: give a gateway's base URL, such as http://127.0.0.1:8000")
+        return cls(url=str(url.origin()), label=label or None)
 
 
 @dataclass
@@ -88,6 +143,8 @@ class BenchConfig:
     scale_posts: int = 0
     scale_calls: int = FEED_CALLS
     host: str = "127.0.0.1"
+    targets: list[Target] = field(default_factory=list)
+    """Running systems to measure instead of starting `topologies` here."""
 
 
 @dataclass
@@ -100,8 +157,10 @@ class RateStep:
     stolen_share: float | None = None
 
     @property
-    def cpu_ms_per_request(self) -> float:
-        """CPU time of every Threadline process (and NATS) per completed request."""
+    def cpu_ms_per_request(self) -> float | None:
+        """CPU time of every Threadline process (and NATS) per completed request; None if none was read."""
+        if not self.cpu_s_by_process:
+            return None
         if not self.load.completed:
             return float("nan")
         return 1000 * sum(self.cpu_s_by_process.values()) / self.load.completed
@@ -119,9 +178,10 @@ class RateStep:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary."""
         completed = max(self.load.completed, 1)
+        cpu = self.cpu_ms_per_request
         return {
             **self.load.to_dict(),
-            "cpu_ms_per_request": round(self.cpu_ms_per_request, 4),
+            "cpu_ms_per_request": None if cpu is None or math.isnan(cpu) else round(cpu, 4),
             "cpu_ms_per_request_by_process": {
                 name: round(1000 * cpu / completed, 4) for name, cpu in self.cpu_s_by_process.items()
             },
@@ -174,7 +234,10 @@ class TopologyReport:
 def run_bench(config: BenchConfig, progress: Progress = print) -> dict[str, Any]:
     """Run the comparison (and the microbenchmarks) and write JSON and PNG into `config.out_dir`."""
     with contextlib.ExitStack() as stack:
-        contenders = [_start(name, config, progress, stack) for name in config.topologies]
+        if config.targets:
+            contenders = [_seeded(label, url, config, progress) for label, url in _named(config.targets)]
+        else:
+            contenders = [_start(name, config, progress, stack) for name in config.topologies]
         # Before the rates, on the system as seeded: after the overload that ends each climb, the
         # same reads once cost up to 1.6x as much, and the system's state after it varies by run.
         for contender in contenders:
@@ -207,6 +270,7 @@ def run_bench(config: BenchConfig, progress: Progress = print) -> dict[str, Any]
             "op_rounds": config.op_rounds,
             "scale_posts": config.scale_posts,
             "scale_calls": config.scale_calls,
+            "targets": {c.name: c.url for c in contenders} if config.targets else None,
         },
         "operation_cost_targets_ms": TARGET_CPU_MS_PER_CALL,
         "topologies": [report.to_dict() for report in reports],
@@ -281,12 +345,15 @@ class _Contender:
     """One topology, running from its seeding to the end of the comparison."""
 
     name: str
-    runner: Runner
-    settings: Settings
+    url: str
     dataset: Dataset
     mix: RequestSource
     processes: dict[str, psutil.Process]
+    """Its processes (and NATS), whose CPU and memory are read; none for a target elsewhere."""
+    process_names: list[str]
     ladder: RateLadder
+    settings: Settings | None = None
+    """How it was started here; None for a target, which is not bulk loaded."""
     steps: list[RateStep] = field(default_factory=list)
     operation_cost: dict[str, OperationCost] = field(default_factory=dict)
     scale: ScaleReport | None = None
@@ -300,7 +367,7 @@ class _Contender:
         """What was measured of this topology."""
         return TopologyReport(
             topology=self.name,
-            processes=[p.spec.name for p in self.runner.processes],
+            processes=self.process_names,
             dataset=_dataset_summary(self.dataset),
             steps=sorted(self.steps, key=lambda step: step.load.offered_rate),
             p99_bound_ms=config.p99_bound_ms,
@@ -322,22 +389,98 @@ def _start(name: str, config: BenchConfig, progress: Progress, stack: contextlib
     runner = stack.enter_context(
         running(parse_topology(name, SERVICES), settings, out=_ProgressWriter(progress))
     )
-    progress(f"==> {name}: seeding {config.users} users, {config.posts} posts at {runner.gateway_url}")
+    return _seeded(
+        name,
+        runner.gateway_url,
+        config,
+        progress,
+        processes=_processes(runner),
+        process_names=[p.spec.name for p in runner.processes],
+        settings=settings,
+    )
+
+
+def _seeded(
+    name: str,
+    url: str,
+    config: BenchConfig,
+    progress: Progress,
+    *,
+    processes: dict[str, psutil.Process] | None = None,
+    process_names: list[str] | None = None,
+    settings: Settings | None = None,
+) -> _Contender:
+    """Seed the system at `url` and make it a contender; without `processes`, one running elsewhere."""
+    elsewhere = "" if settings else " (running already)"
+    progress(f"==> {name}: seeding {config.users} users, {config.posts} posts at {url}{elsewhere}")
     began = time.monotonic()
     dataset = uvloop.run(
-        seed(runner.gateway_url, users=config.users, posts=config.posts, seed=config.seed, progress=progress)
+        seed(url, users=config.users, posts=config.posts, seed=config.seed, progress=progress)
     )
     contender = _Contender(
         name=name,
-        runner=runner,
-        settings=settings,
+        url=url,
         dataset=dataset,
         mix=social_mix(dataset, thread_reads=config.thread_reads),
-        processes=_processes(runner),
+        processes=processes or {},
+        process_names=process_names or [],
         ladder=RateLadder(config.rates, refine=config.refine_steps, climb_past_rates=config.climb_past_rates),
+        settings=settings,
     )
     contender.spent("seed", began)
     return contender
+
+
+def _named(targets: Sequence[Target]) -> list[tuple[str, str]]:
+    """Each target's name and URL, after checking that its gateway answers; raises BenchError."""
+    named: dict[str, str] = {}
+    for target in targets:
+        label = target.label or uvloop.run(_reported_topology(target.url))
+        if label in named:
+            raise BenchError(
+                f"two targets would both be reported as {label!r} ({named[label]} and {target.url}): "
+                f"name them, as in --target {label}-2={target.url}"
+            )
+        named[label] = target.url
+    return list(named.items())
+
+
+async def _reported_topology(url: str) -> str:
+    """The topology the gateway at `url` says it runs; raises BenchError if nothing there says so."""
+    status_url = url + STATUS_PATH
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+            session.get(status_url) as response,
+        ):
+            status, body = response.status, await response.read()
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise BenchError(
+            f"nothing answers at {url} ({type(exc).__name__}: {exc}): start Threadline there "
+            "(`threadline up`) or correct the address"
+        ) from exc
+    try:
+        answer = json.loads(body) if status == 200 else None
+    except ValueError:
+        answer = None
+    topology = answer.get("topology") if isinstance(answer, dict) else None
+    if isinstance(topology, str) and topology:
+        return topology
+    raise BenchError(
+        f"{status_url} answered {status} without naming a topology: is that Threadline's gateway? "
+        "To measure it anyway, name it: --target NAME=URL"
+    )
+
+
+def _keep_tokens_fresh(
+    contender: _Contender, config: BenchConfig, progress: Progress, *, for_s: float
+) -> None:
+    """Log the accounts in again if a token would expire within `for_s` (a target's expire when it says)."""
+    if not contender.dataset.tokens_expire_within(for_s + TOKEN_SPARE_S):
+        return
+    progress(f"    {contender.name}: logging the seeded accounts in again: their tokens are about to expire")
+    uvloop.run(refresh_tokens(contender.url, contender.dataset))
+    contender.mix = social_mix(contender.dataset, thread_reads=config.thread_reads)
 
 
 def _offer_rates_in_turn(
@@ -358,11 +501,9 @@ def _offer_rates_in_turn(
     for contender in contenders:
         progress(f"==> {contender.name}: warming up for {config.warmup_s:.0f} s")
         began = time.monotonic()
-        uvloop.run(
-            run_open_loop(
-                contender.runner.gateway_url, contender.mix, rate=config.rates[0], duration_s=config.warmup_s
-            )
-        )
+        _keep_tokens_fresh(contender, config, progress, for_s=config.warmup_s)
+        warmup = run_open_loop(contender.url, contender.mix, rate=config.rates[0], duration_s=config.warmup_s)
+        uvloop.run(warmup)
         contender.spent("rates", began)
     order: list[tuple[str, float]] = []
     rounds = 0
@@ -374,6 +515,7 @@ def _offer_rates_in_turn(
             began = time.monotonic()
             # Whatever an earlier rate left queued (fan-outs, events) must not burden this one.
             uvloop.run(wait_until_idle(everyone))
+            _keep_tokens_fresh(contender, config, progress, for_s=config.duration_s)
             step = _measure(contender, rate, config)
             sustained = step.sustainable(config.p99_bound_ms)
             contender.ladder.record(rate, sustained=sustained)
@@ -381,11 +523,11 @@ def _offer_rates_in_turn(
             contender.spent("rates", began)
             order.append((contender.name, rate))
             load = step.load
+            cpu = "" if step.cpu_ms_per_request is None else f"  cpu {step.cpu_ms_per_request:.2f} ms/req"
             progress(
                 f"    {contender.name} {rate:>7.0f}/s: p50 {load.percentile(50):7.1f} ms  "
                 f"p99 {load.percentile(99):7.1f} ms  done {load.achieved_rate:7.1f}/s  "
-                f"errors {load.errors + load.client_errors}  "
-                f"cpu {step.cpu_ms_per_request:.2f} ms/req{'' if sustained else '  not sustainable'}"
+                f"errors {load.errors + load.client_errors}{cpu}{'' if sustained else '  not sustainable'}"
             )
     return order
 
@@ -394,6 +536,9 @@ def _measure_operation_costs(contender: _Contender, config: BenchConfig, progres
     if config.op_calls <= 0:
         return
     name = contender.name
+    if not contender.processes:
+        progress(f"==> {name}: CPU per operation skipped: its processes were not started here to be read")
+        return
     progress(
         f"==> {name}: CPU per operation, {config.op_calls} sequential calls of each kind "
         f"in {config.op_rounds} rounds"
@@ -401,7 +546,7 @@ def _measure_operation_costs(contender: _Contender, config: BenchConfig, progres
     began = time.monotonic()
     contender.operation_cost = uvloop.run(
         measure_operation_costs(
-            contender.runner.gateway_url,
+            contender.url,
             contender.processes,
             social_mix(contender.dataset, thread_reads=True),
             calls=config.op_calls,
@@ -417,11 +562,16 @@ def _measure_operation_costs(contender: _Contender, config: BenchConfig, progres
 def _measure_at_scale(contender: _Contender, config: BenchConfig, progress: Progress) -> None:
     if config.scale_posts <= 0:
         return
+    if contender.settings is None:
+        progress(
+            f"==> {contender.name}: not bulk-loaded: the loader writes into databases of systems started here"
+        )
+        return
     progress(f"==> {contender.name}: feed reads as seeded, then bulk-loaded to {config.scale_posts:,} posts")
     began = time.monotonic()
     contender.scale = uvloop.run(
         measure_at_scale(
-            contender.runner.gateway_url,
+            contender.url,
             contender.settings,
             contender.dataset,
             target_posts=config.scale_posts,
@@ -437,9 +587,7 @@ def _measure_at_scale(contender: _Contender, config: BenchConfig, progress: Prog
 def _measure(contender: _Contender, rate: float, config: BenchConfig) -> RateStep:
     processes = contender.processes
     machine, before = MachineTimes.now(), cpu_seconds(processes)
-    load = uvloop.run(
-        run_open_loop(contender.runner.gateway_url, contender.mix, rate=rate, duration_s=config.duration_s)
-    )
+    load = uvloop.run(run_open_loop(contender.url, contender.mix, rate=rate, duration_s=config.duration_s))
     after = cpu_seconds(processes)
     return RateStep(
         load=load,
@@ -490,7 +638,7 @@ def render_table(result: dict[str, Any]) -> str:
         lines.append(
             f"{topo['topology']}: max sustainable {topo['max_sustainable_rate']:.0f} req/s "
             f"(p99 <= {result['config']['p99_bound_ms']:.0f} ms{above})  "
-            f"processes: {', '.join(topo['processes'])}"
+            f"processes: {', '.join(topo['processes']) or 'not started here (CPU and memory not read)'}"
         )
         lines.append(
             f"  {'offered/s':>9} {'done/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
@@ -498,12 +646,14 @@ def render_table(result: dict[str, Any]) -> str:
         )
         for step in topo["steps"]:
             rss = ", ".join(f"{k} {v:.0f}" for k, v in step["peak_rss_mb_by_process"].items())
+            # A step that completed nothing has no percentiles (null in the JSON): a dash.
+            p50, p90, p99 = (_or_dash(step[f"p{pct}_ms"], ".1f") for pct in (50, 90, 99))
             lines.append(
-                f"  {step['offered_rate']:>9.0f} {step['achieved_rate']:>8.1f} {step['p50_ms']:>8.1f} "
-                f"{step['p90_ms']:>8.1f} {step['p99_ms']:>8.1f} {step['errors'] + step['client_errors']:>6} "
-                f"{step['cpu_ms_per_request']:>10.2f} {_percent(step.get('stolen_share')):>6}  {rss}"
+                f"  {step['offered_rate']:>9.0f} {step['achieved_rate']:>8.1f} {p50:>8} {p90:>8} {p99:>8} "
+                f"{step['errors'] + step['client_errors']:>6} "
+                f"{_or_dash(step['cpu_ms_per_request']):>10} {_percent(step.get('stolen_share')):>6}  {rss}"
             )
-        if topo["steps"]:
+        if topo["steps"] and topo["steps"][-1]["cpu_ms_per_request_by_process"]:
             split = topo["steps"][-1]["cpu_ms_per_request_by_process"]
             lines.append("  cpu ms/req by process: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
         targets = result.get("operation_cost_targets_ms", {}).get(topo["topology"], {})

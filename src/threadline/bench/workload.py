@@ -72,6 +72,12 @@ class Dataset:
     root_post_ids: list[str]
     zipf_s: float = 1.2
     follows: int = 0
+    tokens_expire_at: float | None = None
+    """When (`time.monotonic`) the first of the accounts' tokens expires; None if not known."""
+
+    def tokens_expire_within(self, seconds: float) -> bool:
+        """Whether a token of some account expires within `seconds` from now."""
+        return self.tokens_expire_at is not None and self.tokens_expire_at - time.monotonic() < seconds
 
     def to_dict(self) -> dict[str, Any]:
         """Its sizes, JSON-friendly."""
@@ -216,6 +222,10 @@ class _Client:
         self.expires_at: dict[str, float] = {}
         self.lifetimes: dict[str, float] = {}
 
+    def first_expiry(self) -> float | None:
+        """When the first of the tokens this client got expires (`time.monotonic`); None if it got none."""
+        return min(self.expires_at.values(), default=None)
+
     async def call(
         self, method: str, path: str, *, body: Any = None, account: Account | None = None
     ) -> tuple[int, Any]:
@@ -308,7 +318,14 @@ async def seed(
         await _settle(client, layout, accounts, post_ids, settle_stall_s, progress)
         await _refresh_stale(client, accounts, concurrency)
     roots = [post_ids[i] for i in range(posts) if layout.reply_to[i] < 0]
-    return Dataset(accounts=accounts, post_ids=post_ids, root_post_ids=roots, zipf_s=zipf_s, follows=follows)
+    return Dataset(
+        accounts=accounts,
+        post_ids=post_ids,
+        root_post_ids=roots,
+        zipf_s=zipf_s,
+        follows=follows,
+        tokens_expire_at=client.first_expiry(),
+    )
 
 
 async def _create_accounts(
@@ -521,7 +538,10 @@ async def _refresh_stale(client: _Client, accounts: list[Account], concurrency: 
 
 
 async def refresh_tokens(base_url: str, dataset: Dataset, *, concurrency: int = 16) -> None:
-    """Log every account of `dataset` in again, replacing its token (they expire; see `expires_in`)."""
+    """Log every account of `dataset` in again, replacing its token (they expire; see `expires_in`).
+
+    The request mix holds the tokens it was built with: build it again afterwards.
+    """
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
         client = _Client(base_url, session)
@@ -530,6 +550,7 @@ async def refresh_tokens(base_url: str, dataset: Dataset, *, concurrency: int = 
             await client.login(dataset.accounts[i])
 
         await _bounded(len(dataset.accounts), concurrency, refresh)
+        dataset.tokens_expire_at = client.first_expiry()
 
 
 def social_mix(dataset: Dataset, *, thread_reads: bool = False) -> RequestSource:
