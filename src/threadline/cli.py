@@ -15,6 +15,7 @@ from threadline.topology import SERVICES, TopologyError, parse_topology
 
 __all__ = ["main"]
 
+_FAILED = 1
 _USAGE_ERROR = 2
 _INTERRUPTED = 130
 _UP_OPTIONS = ("topology", "port", "host", "data_dir", "nats_url")
@@ -188,6 +189,7 @@ def _rates(text: str) -> list[float]:
 
 def _bench(args: argparse.Namespace) -> int:
     from threadline.bench.compare import BenchConfig, BenchError, Target, run_bench
+    from threadline.bench.workload import SeedingError
 
     if args.target and args.topologies:
         raise UsageError("give --topologies (started here) or --target (running already), not both")
@@ -230,6 +232,9 @@ def _bench(args: argparse.Namespace) -> int:
     except BenchError as e:
         _error(str(e))
         return _USAGE_ERROR
+    except SeedingError as e:
+        _error(f"seeding failed, so nothing was measured: {e}")
+        return _FAILED
     return 0
 
 

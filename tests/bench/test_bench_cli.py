@@ -1,6 +1,9 @@
 """`threadline bench` runs end to end on a tiny workload and writes well-formed results."""
 
 import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -141,6 +144,51 @@ def test_bench_says_what_to_do_when_nothing_answers_at_a_target(capsys: pytest.C
     error = capsys.readouterr().err
     assert f"nothing answers at {url}" in error
     assert "threadline up" in error
+
+
+class _RefusesAccounts(BaseHTTPRequestHandler):
+    """Says it is a gateway, then refuses every account it is asked to create."""
+
+    def do_GET(self) -> None:
+        self._answer(200, {"topology": "refusing"})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self._answer(422, {"error": {"code": "invalid_request", "message": "no accounts here"}})
+
+    def _answer(self, status: int, body: dict[str, object]) -> None:
+        raw = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def refusing_gateway() -> Iterator[str]:
+    """The URL of a server that answers /api/v1/status but refuses to create accounts."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _RefusesAccounts)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_bench_says_why_when_seeding_fails(refusing_gateway: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A refused seeding request ends the run with the request and its answer, not a traceback."""
+    code = main(["bench", "--target", refusing_gateway, "--users", "2", "--posts", "2", "--micro-calls", "0"])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "seeding failed, so nothing was measured" in error
+    assert "no accounts here" in error
 
 
 def test_bench_takes_topologies_or_targets_not_both(capsys: pytest.CaptureFixture[str]) -> None:
