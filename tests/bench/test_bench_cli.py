@@ -1,6 +1,8 @@
 """`threadline bench` runs end to end on a tiny workload and writes well-formed results."""
 
 import json
+import re
+import shutil
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -8,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from threadline.bench import compare
 from threadline.bench.compare import BenchError, Target
+from threadline.bench.workload import SeedingError
 from threadline.cli import main
 from threadline.platform.settings import Settings
 from threadline.runner import free_ports, running
@@ -189,6 +193,25 @@ def test_bench_says_why_when_seeding_fails(refusing_gateway: str, capsys: pytest
     error = capsys.readouterr().err
     assert "seeding failed, so nothing was measured" in error
     assert "no accounts here" in error
+
+
+def test_a_topology_started_here_keeps_its_data_and_logs_when_the_run_fails(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run that did not finish keeps the topology's data directory, logs included, and says where."""
+
+    async def refused(*_: object, **__: object) -> None:
+        raise SeedingError("POST /users: expected 201, got 503")
+
+    monkeypatch.setattr(compare, "seed", refused)
+    assert main(["bench", "--topologies", "monolith", "--micro-calls", "0"]) == 1
+    kept = re.search(r"its data and logs are kept in (\S+)", capsys.readouterr().out)
+    assert kept is not None
+    data_dir = Path(kept.group(1))
+    try:
+        assert any((data_dir / "logs").iterdir())
+    finally:
+        shutil.rmtree(data_dir)
 
 
 def test_bench_takes_topologies_or_targets_not_both(capsys: pytest.CaptureFixture[str]) -> None:

@@ -378,10 +378,20 @@ class _Contender:
 
 
 def _start(name: str, config: BenchConfig, progress: Progress, stack: contextlib.ExitStack) -> _Contender:
-    """Start a topology on a fresh data directory (both kept until `stack` closes) and seed it."""
+    """Start a topology on a fresh data directory (both kept until `stack` closes) and seed it.
+
+    The data directory goes when `stack` closes, unless the run failed: its processes' logs say why.
+    """
     progress(f"==> {name}: starting")
     data_dir = Path(tempfile.mkdtemp(prefix=f"threadline-bench-{name}-"))
-    stack.callback(shutil.rmtree, data_dir, ignore_errors=True)
+
+    def remove_unless_failed(failure: type[BaseException] | None, *_: object) -> None:
+        if failure is None:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        else:
+            progress(f"==> {name}: the run did not finish; its data and logs are kept in {data_dir}")
+
+    stack.push(remove_unless_failed)
     # Tokens minted while seeding must outlive the whole run.
     settings = Settings(
         data_dir=data_dir, topology=name, port=0, host=config.host, access_token_ttl_seconds=86_400
