@@ -95,8 +95,8 @@ def _parser() -> argparse.ArgumentParser:
         "the CPU of one operation of each kind; offer the social mix at rising fixed rates (open loop), the "
         "topologies taking turns rate by rate, and report throughput, latency, CPU and memory; then (with "
         "--scale-posts) feed reads before and after bulk-loading the data set to that many posts; then "
-        "time one service-to-service call every way. "
-        "Writes latest.json and latency.png.",
+        "time one service-to-service call every way. With --target, measure systems running already "
+        "instead of starting topologies. Writes latest.json and latency.png.",
     )
     bench.add_argument("--users", type=_positive, default=1000, help="accounts to seed (default 1000)")
     bench.add_argument("--posts", type=_positive, default=50_000, help="posts to seed (default 50000)")
@@ -124,9 +124,9 @@ def _parser() -> argparse.ArgumentParser:
         "--target",
         action="append",
         metavar="[NAME=]URL",
-        help="measure a Threadline already running at this gateway URL instead of starting one (repeatable; "
-        "NAME defaults to the topology it reports); it is seeded like the others, and its CPU, memory, "
-        "cost per operation and bulk loading are left out unless it was started here",
+        help="measure a Threadline already running at this gateway URL instead of starting topologies "
+        "(repeatable; NAME defaults to the topology it reports); it is seeded and offered the rates, while "
+        "CPU, memory, the cost per operation and bulk loading (needing processes started here) are left out",
     )
     bench.add_argument("--thread-reads", action="store_true", help="half the composes become thread reads")
     bench.add_argument("--micro-calls", type=int, default=5000, help="calls per microbenchmark (0 skips)")
