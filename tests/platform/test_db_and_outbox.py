@@ -1124,6 +1124,29 @@ async def test_a_query_reads_the_rows_and_types_sqlalchemy_reads(db: Database) -
     assert rows[0]._asdict() == {"id": ids[0], "body": "x", "created_at": None, "undated": True, "seven": 7}
 
 
+@pytest.mark.parametrize(
+    ("stored", "instant"),
+    [
+        ("2024-05-01 12:00:00.000001", datetime(2024, 5, 1, 12, 0, 0, 1, tzinfo=UTC)),
+        ("2024-05-01 12:00:00", datetime(2024, 5, 1, 12, 0, tzinfo=UTC)),
+        ("2024-05-01 12:00:00.5+02:00", datetime(2024, 5, 1, 10, 0, 0, 500000, tzinfo=UTC)),
+        ("2024-05-01T12:00:00Z", datetime(2024, 5, 1, 12, 0, tzinfo=UTC)),
+    ],
+)
+async def test_a_query_reads_stored_times_as_utc_instants(
+    tmp_path: Path, migrations: Migrations, stored: str, instant: datetime
+) -> None:
+    """SQLite text without a zone is UTC, text with one the instant it names: either comes back in UTC."""
+    async with opened_sqlite(tmp_path / "times.db", migrations, WriterSettings()) as db:
+        async with db.write() as conn:
+            insert = sa.text("INSERT INTO notes (id, body, created_at) VALUES ('t', 'x', :stored)")
+            await conn.execute(insert, {"stored": stored})
+        async with db.read() as conn:
+            [row] = await conn.fetch(NOTES_AMONG, {"ids": ["t"]})
+    assert row.created_at == instant
+    assert row.created_at.tzinfo is UTC
+
+
 @pytest.mark.parametrize("asked", [0, 1, 2, 5])
 async def test_a_query_expands_a_list_parameter_of_any_length(db: Database, asked: int) -> None:
     """A list parameter matches exactly its items, whatever its length (the empty list matches nothing)."""

