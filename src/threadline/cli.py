@@ -221,17 +221,14 @@ def _bench(args: argparse.Namespace) -> int:
     if args.op_rounds is not None:
         config.op_rounds = args.op_rounds
     if 0 < config.op_calls < config.op_rounds:
-        print(
-            f"threadline bench: --op-calls {config.op_calls} cannot be split into {config.op_rounds} rounds; "
-            "give at least as many calls as rounds, or fewer --op-rounds",
-            file=sys.stderr,
+        raise UsageError(
+            f"--op-calls {config.op_calls} cannot be split into {config.op_rounds} rounds; "
+            "give at least as many calls as rounds, or fewer --op-rounds"
         )
-        return 2
     try:
         run_bench(config)
     except BenchError as e:
-        _error(str(e))
-        return _USAGE_ERROR
+        raise UsageError(str(e)) from e
     except SeedingError as e:
         _error(f"seeding failed, so nothing was measured: {e}")
         return _FAILED
