@@ -245,6 +245,72 @@ async def test_close_leaves_nothing_running(nats_url: str, make_bus: MakeBus) ->
     assert asyncio.all_tasks() - before == set()
 
 
+class HoldsOn:
+    """A handler that catches the cancellation of its consumer: once, or until `release` is set."""
+
+    def __init__(self, *, until_released: bool) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.finished = 0
+        self._until_released = until_released
+
+    async def __call__(self, event: Event) -> None:
+        self.started.set()
+        while True:
+            try:
+                await self.release.wait()
+                break
+            except asyncio.CancelledError:
+                if not self._until_released:
+                    break
+        self.finished += 1
+
+
+async def test_close_stops_a_consumer_whose_handler_caught_the_cancellation(
+    nats_url: str, make_bus: MakeBus
+) -> None:
+    """A handler (or library) that swallows the cancellation does not keep the consumer fetching."""
+    before = asyncio.all_tasks()
+    handler = HoldsOn(until_released=False)
+    bus = make_bus(nats_url)
+    bus.subscribe("posts", "user.updated", handler)
+    await bus.start()
+    await bus.publish(user_updated(1))
+    await asyncio.wait_for(handler.started.wait(), DEADLINE_SECONDS)
+
+    await asyncio.wait_for(bus.close(), DEADLINE_SECONDS)
+
+    assert handler.finished == 1
+    assert asyncio.all_tasks() - before == set()
+
+
+async def test_close_returns_after_its_grace_while_a_handler_holds_on(
+    nats_url: str, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A consumer still running after the grace period is left behind, said so, and the bus disconnects."""
+    before = asyncio.all_tasks()
+    handler = HoldsOn(until_released=True)
+    bus = NatsBus(nats_url, namespace, close_grace_seconds=0.2)
+    bus.subscribe("posts", "user.updated", handler)
+    await bus.start()
+    try:
+        await bus.publish(user_updated(1))
+        await asyncio.wait_for(handler.started.wait(), DEADLINE_SECONDS)
+
+        await asyncio.wait_for(bus.close(), DEADLINE_SECONDS)
+
+        assert not bus.connected
+        assert "still running" in caplog.text
+        [left] = asyncio.all_tasks() - before
+        handler.release.set()
+        await asyncio.wait_for(asyncio.gather(left, return_exceptions=True), DEADLINE_SECONDS)
+        assert handler.finished == 1
+    finally:
+        handler.release.set()
+        await bus.close()
+        await delete_stream(nats_url, bus.stream)
+
+
 async def test_unreachable_server_is_reported_with_its_url(namespace: str) -> None:
     """Starting against a URL where no NATS listens fails with an error naming it and a remedy."""
     with socket.socket() as sock:

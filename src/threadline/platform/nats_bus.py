@@ -39,6 +39,8 @@ _REDELIVERY_FIRST_DELAY_SECONDS = 0.5
 _REDELIVERY_MAX_DELAY_SECONDS = 30.0
 _RECOVERY_FIRST_DELAY_SECONDS = 0.2
 _RECOVERY_MAX_DELAY_SECONDS = 5.0
+# How long `close` waits for its consumers to stop once cancelled (they settle their window first).
+_CLOSE_GRACE_SECONDS = 10.0
 _NAMESPACE = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -65,7 +67,14 @@ class NatsBus:
     failed is retried later without holding back the events after it.
     """
 
-    def __init__(self, url: str, namespace: str, *, stream_replicas: int = 1) -> None:
+    def __init__(
+        self,
+        url: str,
+        namespace: str,
+        *,
+        stream_replicas: int = 1,
+        close_grace_seconds: float = _CLOSE_GRACE_SECONDS,
+    ) -> None:
         if not _NAMESPACE.fullmatch(namespace):
             raise ValueError(f"namespace must be letters, digits, '_' or '-', not {namespace!r}")
         self._url = url
@@ -76,6 +85,7 @@ class NatsBus:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._close_grace_seconds = close_grace_seconds
 
     @property
     def stream(self) -> str:
@@ -127,11 +137,27 @@ class NatsBus:
             log.debug("event %s %s was already in %s", event.type, event.id, self._stream)
 
     async def close(self) -> None:
-        """Stop the consumers, handing events being handled back for redelivery, and disconnect."""
+        """Stop the consumers, handing events being handled back for redelivery, and disconnect.
+
+        A consumer still running after the grace period (its handler holds on through the
+        cancellation) is left behind with a warning, so that a process can always stop; what
+        it has not acknowledged is delivered again.
+        """
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            stopped, running = await asyncio.wait(tasks, timeout=self._close_grace_seconds)
+            for task in stopped:
+                if not task.cancelled() and (failure := task.exception()) is not None:
+                    log.error("a consumer of %s had ended with an error", self._url, exc_info=failure)
+            if running:
+                log.warning(
+                    "%d consumer(s) of %s still running %.0fs after being stopped; leaving them",
+                    len(running),
+                    self._url,
+                    self._close_grace_seconds,
+                )
         nc, self._nc, self._js = self._nc, None, None
         if nc is not None and not nc.is_closed:
             await nc.close()
@@ -230,8 +256,13 @@ class NatsBus:
         """
         handled: SettleWindow[Msg] = SettleWindow(_ack_all, settle_after_s=SETTLE_AFTER_S, most=_FETCH_BATCH)
         recovery_delay = _RECOVERY_FIRST_DELAY_SECONDS
+        this = asyncio.current_task()
         try:
             while True:
+                if this is not None and this.cancelling():
+                    # Stopped, but the cancellation was caught on the way (by a handler, or in
+                    # the client library): stop here rather than fetch on for ever.
+                    raise asyncio.CancelledError
                 try:
                     if pull is None:
                         await self._ensure_stream()
