@@ -160,7 +160,16 @@ class NatsBus:
                 )
         nc, self._nc, self._js = self._nc, None, None
         if nc is not None and not nc.is_closed:
-            await nc.close()
+            try:
+                # The client flushes what it holds before closing: a server that stopped reading
+                # would hold it for ever.
+                await asyncio.wait_for(nc.close(), self._close_grace_seconds)
+            except TimeoutError:
+                log.warning(
+                    "disconnecting from NATS at %s took over %.0fs; left to the OS",
+                    self._url,
+                    self._close_grace_seconds,
+                )
 
     @property
     def connected(self) -> bool:
