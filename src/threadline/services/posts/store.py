@@ -1,5 +1,7 @@
 """The posts service's tables and queries; migrations live beside it in `migrations/`."""
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -8,6 +10,7 @@ import sqlalchemy as sa
 from threadline.platform.clock import utcnow
 from threadline.platform.db import (
     Command,
+    Connection,
     Database,
     Migrations,
     PagedQuery,
@@ -20,10 +23,11 @@ from threadline.platform.db import (
 )
 from threadline.platform.lru import LruCache
 from threadline.platform.pagination import PageRequest
+from threadline.platform.row_cache import RowCache
 from threadline.services.posts.api import SERVICE, AuthorPublic
 from threadline.services.posts.service import AuthorSnapshot, PostRecord
 
-__all__ = ["MIGRATIONS", "SqlPostStore"]
+__all__ = ["CACHED_POSTS", "MIGRATIONS", "SqlPostStore"]
 
 MIGRATIONS = Migrations(Path(__file__).parent / "migrations")
 
@@ -69,14 +73,17 @@ _POST_WITH_AUTHOR = sa.select(
 ).join(authors, authors.c.id == posts.c.author_id)
 # Posts of one author share one author object: building it is most of the cost of a post's record.
 _AUTHORS: LruCache[tuple[str, str, str], AuthorPublic] = LruCache(10_000)
+# Enough for the first pages of a thousand accounts' feeds and own posts: ~30 MB of 75-character posts.
+CACHED_POSTS = 50_000
 _POST_BY_ID = Query(_POST_WITH_AUTHOR.where(posts.c.id == sa.bindparam("post_id")))
 _LIVE_POSTS_AMONG = Query(
     _POST_WITH_AUTHOR.where(
         posts.c.id.in_(sa.bindparam("post_ids", expanding=True)), posts.c.deleted_at.is_(None)
     )
 )
-_LIVE_POSTS_BY_AUTHOR = PagedQuery(
-    _POST_WITH_AUTHOR.where(posts.c.author_id == sa.bindparam("author_id"), posts.c.deleted_at.is_(None)),
+# Ids only: the posts themselves are mostly in the cache.
+_LIVE_POST_IDS_BY_AUTHOR = PagedQuery(
+    sa.select(posts.c.id).where(posts.c.author_id == sa.bindparam("author_id"), posts.c.deleted_at.is_(None)),
     posts.c.id,
 )
 _LIKED_AMONG = Query(
@@ -135,7 +142,26 @@ def _record(row: Any) -> PostRecord:
 
 
 class SqlPostTransaction(Transaction):
-    """The posts queries on one connection."""
+    """The posts queries on one connection.
+
+    A read transaction looks live posts up in `cache` first (`read_since` is the cache's version
+    when it began); a write transaction notes in `changed` the posts whose stored row it changes,
+    and in `authors_changed` whether it changed an author, which every post of theirs shows.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        source: str,
+        *,
+        cache: RowCache[str, PostRecord] | None = None,
+        read_since: int | None = None,
+    ) -> None:
+        super().__init__(conn, source)
+        self._cache = cache
+        self._read_since = read_since
+        self.changed: set[str] = set()
+        self.authors_changed = False
 
     async def post(self, post_id: str) -> PostRecord | None:
         """One post, deleted or not."""
@@ -144,14 +170,33 @@ class SqlPostTransaction(Transaction):
 
     async def live_posts(self, post_ids: list[str]) -> list[PostRecord]:
         """The live posts among `post_ids`."""
+        cache, read_since = self._cache, self._read_since
+        if cache is None or read_since is None:
+            return await self._live_posts_stored(post_ids)
+        found: list[PostRecord] = []
+        missing: list[str] = []
+        for post_id in dict.fromkeys(post_ids):
+            post = cache.get(post_id)
+            if post is None:
+                missing.append(post_id)
+            else:
+                found.append(post)
+        for post in await self._live_posts_stored(missing):
+            cache.remember(post.id, post, read_since=read_since)
+            found.append(post)
+        return found
+
+    async def _live_posts_stored(self, post_ids: list[str]) -> list[PostRecord]:
         if not post_ids:
             return []
         return [_record(row) for row in await self.conn.fetch(_LIVE_POSTS_AMONG, {"post_ids": post_ids})]
 
     async def posts_by_author(self, author_id: str, page: PageRequest) -> tuple[list[PostRecord], str | None]:
         """A page of an author's live posts."""
-        rows, cursor = await _LIVE_POSTS_BY_AUTHOR.page(self.conn, page, author_id=author_id)
-        return [_record(row) for row in rows], cursor
+        rows, cursor = await _LIVE_POST_IDS_BY_AUTHOR.page(self.conn, page, author_id=author_id)
+        ids = [str(row.id) for row in rows]
+        found = {post.id: post for post in await self.live_posts(ids)}
+        return [found[post_id] for post_id in ids if post_id in found], cursor
 
     async def insert_post(self, post: PostRecord) -> None:
         """Store a new post."""
@@ -173,10 +218,12 @@ class SqlPostTransaction(Transaction):
 
     async def mark_deleted(self, post_id: str) -> None:
         """Delete a post, keeping its id and thread position."""
+        self.changed.add(post_id)
         await self.conn.run(_MARK_DELETED, {"post_id": post_id, "now": utcnow()})
 
     async def count_reply(self, post_id: str, delta: int) -> None:
         """Change a post's direct reply count."""
+        self.changed.add(post_id)
         await self.conn.run(_COUNT_REPLY, {"key": post_id, "delta": delta})
 
     async def add_like(self, post_id: str, user_id: str) -> bool:
@@ -208,6 +255,8 @@ class SqlPostTransaction(Transaction):
     async def save_author(self, author: AuthorSnapshot) -> None:
         """Insert the snapshot, or replace an older one."""
         if not await insert_ignoring_conflicts(self.conn, authors, author.model_dump()):
+            # A new author has no posts yet; an existing one's show the profile in every post.
+            self.authors_changed = True
             await self.conn.run(
                 _NEWER_AUTHOR,
                 {
@@ -219,11 +268,38 @@ class SqlPostTransaction(Transaction):
             )
 
     async def _count_like(self, post_id: str, delta: int) -> None:
+        self.changed.add(post_id)
         await self.conn.run(_COUNT_LIKE, {"key": post_id, "delta": delta})
 
 
 class SqlPostStore(SqlStore[SqlPostTransaction]):
-    """The posts store on its own database."""
+    """The posts store on its own database, which only this process writes.
 
-    def __init__(self, db: Database) -> None:
+    Live posts read are kept in memory (up to `cached_posts`, the most recently read; see
+    `RowCache`) until a write of this store changes them.
+    """
+
+    def __init__(self, db: Database, *, cached_posts: int = CACHED_POSTS) -> None:
         super().__init__(db, SqlPostTransaction, SERVICE)
+        self._cache: RowCache[str, PostRecord] = RowCache(cached_posts)
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[SqlPostTransaction]:
+        """A write transaction; the posts it changed are forgotten once it ended."""
+        tx: SqlPostTransaction | None = None
+        try:
+            async with self._db.write() as conn:
+                tx = SqlPostTransaction(conn, SERVICE)
+                yield tx
+        finally:
+            if tx is not None and tx.authors_changed:
+                self._cache.forget_all()
+            elif tx is not None and tx.changed:
+                self._cache.forget(tx.changed)
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[SqlPostTransaction]:
+        """A read-only transaction, served from the cache where it can be."""
+        read_since = self._cache.version()
+        async with self._db.read() as conn:
+            yield SqlPostTransaction(conn, SERVICE, cache=self._cache, read_since=read_since)
