@@ -213,8 +213,8 @@ class FakePosts:
         )
         self.posts[post_id] = _Post(public)
         if reply_to is not None:
-            parent = self.posts[reply_to].public
-            parent.reply_count += 1
+            parent = self.posts[reply_to]
+            parent.public = parent.public.model_copy(update={"reply_count": parent.public.reply_count + 1})
         return PostCreated.model_validate(public.model_dump())
 
     def delete(self, post_id: str) -> PostDeleted:
@@ -231,7 +231,7 @@ class FakePosts:
         post = self.posts[post_id]
         if user_id not in post.likers:
             post.likers.add(user_id)
-            post.public.like_count += 1
+            post.public = post.public.model_copy(update={"like_count": post.public.like_count + 1})
 
     def subscribe(self, subscriber_id: str, creator_id: str) -> None:
         """Let `subscriber_id` read `creator_id`'s subscribers-only posts."""

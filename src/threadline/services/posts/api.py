@@ -64,6 +64,9 @@ class PostPublic(BaseModel):
     subscribers, and for everyone but the author when subscriptions cannot be checked.
     """
 
+    # Immutable, so that one object can stand for the post as every viewer but a few sees it.
+    model_config = ConfigDict(frozen=True)
+
     id: str
     author: AuthorPublic
     text: str | None

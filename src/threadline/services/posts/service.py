@@ -65,6 +65,8 @@ class PostRecord:
     like_count: int
     reply_count: int
     deleted: bool = False
+    seen_by_anyone: PostPublic | None = None
+    """The post as a viewer who has not liked it and may read it sees it, once built (`_public`)."""
 
 
 class PostTransaction(Protocol):
@@ -268,6 +270,15 @@ def _public(post: PostRecord, viewer: Identity | None, liked: bool, entitled: se
         and (viewer is None or viewer.user_id != post.author.id)
         and post.author.id not in entitled
     )
+    if not (locked or liked):
+        # Most views of a post are this one: built once per record, which the store may keep.
+        if post.seen_by_anyone is None:
+            post.seen_by_anyone = _built(post, liked=False, locked=False)
+        return post.seen_by_anyone
+    return _built(post, liked=liked, locked=locked)
+
+
+def _built(post: PostRecord, *, liked: bool, locked: bool) -> PostPublic:
     return PostPublic(
         id=post.id,
         author=post.author,
