@@ -255,9 +255,7 @@ class SqlPostTransaction(Transaction):
     async def save_author(self, author: AuthorSnapshot) -> None:
         """Insert the snapshot, or replace an older one."""
         if not await insert_ignoring_conflicts(self.conn, authors, author.model_dump()):
-            # A new author has no posts yet; an existing one's show the profile in every post.
-            self.authors_changed = True
-            await self.conn.run(
+            replaced = await self.conn.run(
                 _NEWER_AUTHOR,
                 {
                     "author_id": author.id,
@@ -266,6 +264,8 @@ class SqlPostTransaction(Transaction):
                     "new_display_name": author.display_name,
                 },
             )
+            # A new author has no posts yet; a replaced profile shows in every post of theirs.
+            self.authors_changed = self.authors_changed or replaced > 0
 
     async def _count_like(self, post_id: str, delta: int) -> None:
         self.changed.add(post_id)
