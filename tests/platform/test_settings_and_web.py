@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import APIRouter
 from jwt.algorithms import OKPAlgorithm
 from pydantic import BaseModel, Field, ValidationError
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tests.support.polling import eventually
 from tests.support.servers import serving
@@ -548,3 +550,54 @@ async def test_a_request_is_in_flight_for_the_rest_of_the_process_until_it_is_an
             release.set()
         assert await held_request == 0
         assert other_requests_in_flight() == 0
+
+
+class _FailingLayer:
+    """Middleware that fails before the app sees the request: a crash on /crash, a refusal on /refuse."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("path") == "/crash":
+            raise RuntimeError(SECRET_DETAIL)
+        if scope.get("path") == "/refuse":
+            raise ServiceUnavailable("users", "connection refused")
+        await self.app(scope, receive, send)
+
+
+async def test_a_failure_in_a_layer_before_fastapi_is_answered_in_the_error_shape(
+    key: Ed25519PrivateKey,
+) -> None:
+    """Middleware runs ahead of FastAPI's own error handling; what it raises is still an API error."""
+
+    async def jwks() -> dict[str, Any]:
+        return {"keys": [public_jwk(key, "k1")]}
+
+    app = create_app(
+        title="test",
+        routers=[build_router()],
+        readiness={},
+        token_verifier=TokenVerifier(jwks),
+        middleware=[Middleware(_FailingLayer)],
+    )
+    async with serving(app) as url, aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/crash") as response:
+            assert response.status == 500
+            body = await response.json()
+            assert error_of(body)["code"] == "internal_error"
+            assert SECRET_DETAIL not in str(body)
+        async with http.get(f"{url}/refuse") as response:
+            assert response.status == 503
+            assert await response.json() == {
+                "error": {
+                    "code": "service_unavailable",
+                    "message": "users is unavailable: connection refused",
+                }
+            }
+        async with http.get(f"{url}/healthz") as response:
+            assert response.status == 200
+        async with http.get(f"{url}/metrics") as response:
+            text = await response.text()
+    assert 'http_requests_total{method="GET",route="unmatched",status="500"} 1' in text
+    assert 'http_requests_total{method="GET",route="unmatched",status="503"} 1' in text

@@ -13,10 +13,10 @@ the token, then the other inputs. A body that is not JSON, a bad page or body, o
 does not recognise goes to the app untouched (with the body it read), which answers it as it
 always has; a refused token, and any error of the endpoint, are answered here in the shape of
 the app's error handlers. The routes stay FastAPI's: declared once, documented in OpenAPI,
-matched in the same order, and counted under their route in /metrics. FastAPI's own telemetry
-(OpenTelemetry, when a provider is configured; Threadline configures none yet) still wraps every
-request, but learns neither the route nor the dependencies, endpoint and encoding of one answered
-here: whoever adds tracing gives these their spans.
+matched in the same order, and counted under their route in /metrics. It runs ahead of FastAPI's
+own layers (see `web.create_app`), so FastAPI's telemetry (OpenTelemetry, when a provider is
+configured; Threadline configures none yet) sees only the requests handed on: whoever adds
+tracing gives the ones answered here their spans.
 """
 
 import inspect
