@@ -41,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from threadline.platform.asgi import read_body, send_failure
 from threadline.platform.callers import BearerToken, first_header
 from threadline.platform.errors import ServiceError
+from threadline.platform.lru import LruCache
 from threadline.platform.pagination import PageQuery, Paging
 from threadline.platform.tokens import TokenVerifier
 
@@ -111,10 +112,23 @@ def _identity(token: BearerToken) -> _Input:
     return identity
 
 
+# Most requests ask for the same few pages (`?limit=20`, no cursor): each is parsed once.
+_PAGES_KEPT = 256
+_pages: LruCache[bytes, PageQuery] = LruCache(_PAGES_KEPT)
+
+
 async def _page(request: _Request) -> PageQuery:
+    page = _pages.get(request.query_string)
+    if page is None:
+        page = _parsed_page(request.query_string)
+        _pages.put(request.query_string, page)
+    return page
+
+
+def _parsed_page(query_string: bytes) -> PageQuery:
     values: dict[str, str] = {}
     # The last of repeated parameters, as Starlette's `QueryParams.get` reads them.
-    for key, value in parse_qsl(request.query_string.decode("latin-1"), keep_blank_values=True):
+    for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
         if key in PageQuery.model_fields:
             values[key] = value
     try:

@@ -3,7 +3,7 @@
 from typing import Annotated, Generic, TypeVar
 
 from fastapi import Query
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "Page", "PageQuery", "PageRequest", "Paging"]
 
@@ -15,6 +15,9 @@ T = TypeVar("T")
 
 class PageRequest(BaseModel):
     """Which page to read: at most `limit` items older than `cursor`."""
+
+    # Immutable, so that one parsed request can be shared by every request asking the same.
+    model_config = ConfigDict(frozen=True)
 
     limit: int = DEFAULT_LIMIT
     cursor: str | None = None

@@ -1,7 +1,7 @@
 """The posts service's tables and queries; migrations live beside it in `migrations/`."""
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from threadline.platform.db import (
     SqlStore,
     Transaction,
     UtcDateTime,
+    WrappedTransaction,
     add_to_counter,
     insert_ignoring_conflicts,
 )
@@ -297,9 +298,10 @@ class SqlPostStore(SqlStore[SqlPostTransaction]):
             elif tx is not None and tx.changed:
                 self._cache.forget(tx.changed)
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[SqlPostTransaction]:
+    def read(self) -> AbstractAsyncContextManager[SqlPostTransaction]:
         """A read-only transaction, served from the cache where it can be."""
         read_since = self._cache.version()
-        async with self._db.read() as conn:
-            yield SqlPostTransaction(conn, SERVICE, cache=self._cache, read_since=read_since)
+        return WrappedTransaction(
+            self._db.read(),
+            lambda conn: SqlPostTransaction(conn, SERVICE, cache=self._cache, read_since=read_since),
+        )
