@@ -3,13 +3,14 @@
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import aiohttp
 import pytest
 from fastapi import APIRouter, Body, Depends, FastAPI, Header
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -31,6 +32,28 @@ class Item(BaseModel):
     id: str
     seen_by: str | None = None
     extra: dict[str, int] = {}
+
+
+class Label(BaseModel):
+    """An immutable item, the same objects in every answer: rendered once, then kept."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    text: str | None
+    at: datetime
+
+
+class Shelf(Page[Label]):
+    """A page of labels with a field of its own after the list."""
+
+    degraded: list[str] = []
+
+
+LABELS = [
+    Label(id="l1", text='a "quoted" é ✓', at=datetime(2026, 1, 2, 3, 4, 5, 678, tzinfo=UTC)),
+    Label(id="l2", text=None, at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)),
+]
 
 
 class Note(BaseModel):
@@ -59,6 +82,12 @@ def build_router(marks: Marks) -> APIRouter:
     @router.get("/fixed")
     async def fixed(x_tag: Annotated[str, Header()]) -> Item:
         return Item(id="fixed", seen_by=x_tag)
+
+    @router.get("/shelf")
+    async def shelf(page: Paging) -> Shelf:
+        return Shelf(
+            items=LABELS[: page.limit], next_cursor=page.cursor, degraded=["x"] if page.cursor else []
+        )
 
     @router.get("/{item_id}")
     async def get_item(viewer: Viewer, item_id: str) -> Item:
@@ -184,6 +213,9 @@ async def test_direct_routes_answer_every_request_as_the_app_does(pair: Pair) ->
         ("GET", "/items/misfit", None),
         ("GET", "/items/fixed", {"X-Tag": "t"}),
         ("GET", "/items/fixed", None),
+        ("GET", "/items/shelf", None),
+        ("GET", "/items/shelf", None),
+        ("GET", "/items/shelf?limit=1&cursor=c", None),
         ("GET", "/items/abc/text", None),
         ("PUT", "/items/abc/mark", None),
         ("PUT", "/items/abc/mark", pair.auth()),
@@ -315,6 +347,7 @@ def test_routes_are_direct_only_when_every_input_is_a_token_a_page_or_a_path_seg
     assert direct == {
         "/items": True,
         "/items/fixed": False,
+        "/items/shelf": True,
         "/items/{item_id}": True,
         "/items/{item_id}/text": True,
         "/items/{item_id}/mark": True,

@@ -41,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from threadline.platform.asgi import read_body, send_failure
 from threadline.platform.callers import BearerToken, first_header
 from threadline.platform.errors import ServiceError
+from threadline.platform.kept_json import KeptJson, Renderer, leading_list_renderer
 from threadline.platform.lru import LruCache
 from threadline.platform.pagination import PageQuery, Paging
 from threadline.platform.tokens import TokenVerifier
@@ -213,7 +214,33 @@ def _direct(route: APIRoute) -> "_Direct | None":
     inputs = _inputs(route)
     if inputs is None:
         return None
-    return _Direct(route, inputs, route.status_code or 200, reads_body=route.body_field is not None)
+    return _Direct(
+        route,
+        inputs,
+        route.status_code or 200,
+        reads_body=route.body_field is not None,
+        render_kept=_kept_renderer(route) if encoded else None,
+    )
+
+
+# Items of the answers most recently rendered (a page of posts is twenty); a few MB at most.
+_ITEMS_KEPT = 20_000
+_kept_items = KeptJson(_ITEMS_KEPT)
+
+
+def _kept_renderer(route: APIRoute) -> Renderer | None:
+    """For an answer listing frozen models first, rendered as FastAPI would with this route's options."""
+    model = route.response_model
+    plain_options = not (
+        route.response_model_include
+        or route.response_model_exclude
+        or route.response_model_exclude_unset
+        or route.response_model_exclude_defaults
+        or route.response_model_exclude_none
+    )
+    if not (plain_options and inspect.isclass(model) and issubclass(model, BaseModel)):
+        return None
+    return leading_list_renderer(model, by_alias=route.response_model_by_alias, kept=_kept_items)
 
 
 @dataclass(frozen=True)
@@ -222,6 +249,7 @@ class _Direct:
     inputs: dict[str, _Input]
     status: int
     reads_body: bool
+    render_kept: Renderer | None
 
     async def answer(self, request: _Request, scope: Scope, send: Send) -> None:
         """Answer the request; raises _Declined, having sent nothing, if the app must answer it."""
@@ -248,6 +276,10 @@ class _Direct:
     def _encode(self, content: Any) -> bytes:
         route, field = self.route, self.route.response_field
         assert field is not None
+        if self.render_kept is not None and type(content) is route.response_model:
+            rendered = self.render_kept(content)
+            if rendered is not None:
+                return rendered
         value, errors = field.validate(content, {}, loc=("response",))
         if errors:
             raise TypeError(f"{route.path}: the endpoint's answer does not fit its response model: {errors}")

@@ -1,0 +1,123 @@
+"""Answers listing frozen models first: the same bytes as pydantic's, each item rendered once while kept."""
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_serializer
+
+from threadline.platform.kept_json import KeptJson, leading_list_renderer
+from threadline.platform.pagination import Page
+
+
+class Author(BaseModel):
+    id: str
+    name: str
+
+
+class Post(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    author: Author
+    text: str | None
+    at: datetime
+    likes: int = 0
+
+
+class PostPage(Page[Post]):
+    degraded: list[str] = []
+
+
+class OnlyPosts(BaseModel):
+    items: list[Post]
+
+
+class TaggedPost(Post):
+    tag: str = "extra"
+
+
+def post(n: int, text: str | None = "plain") -> Post:
+    at = datetime(2026, 11, 28, 4, n, n, n * 1000, tzinfo=UTC)
+    return Post(id=f"p{n}", author=Author(id="a", name='Ada "the first" ✓'), text=text, at=at, likes=n)
+
+
+def pydantic_json(model: BaseModel) -> bytes:
+    rendered: bytes = TypeAdapter(type(model)).dump_json(model, by_alias=True)
+    return rendered
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        PostPage(items=[]),
+        PostPage(items=[post(1)], next_cursor="p1"),
+        PostPage(items=[post(1), post(2, text=None), post(3, text='é\n\t"</script>')], degraded=["payments"]),
+        OnlyPosts(items=[]),
+        OnlyPosts(items=[post(4), post(5)]),
+    ],
+)
+def test_an_answer_is_rendered_as_pydantic_renders_it(answer: BaseModel) -> None:
+    render = leading_list_renderer(type(answer), by_alias=True, kept=KeptJson(10))
+    assert render is not None
+    assert render(answer) == pydantic_json(answer)
+    # Again, its items now kept: still the same bytes.
+    assert render(answer) == pydantic_json(answer)
+
+
+def test_an_item_is_rendered_once_while_kept_and_again_once_forgotten() -> None:
+    kept = KeptJson(2)
+    first, second, third = post(1), post(2), post(3)
+    rendered = kept.of(first, by_alias=True)
+    # Forced past its freezing, the kept object shows what it was rendered as.
+    object.__setattr__(first, "likes", 99)
+    assert kept.of(first, by_alias=True) == rendered
+    kept.of(second, by_alias=True)
+    kept.of(third, by_alias=True)
+    assert b'"likes":99' in kept.of(first, by_alias=True)
+
+
+def test_an_equal_object_is_rendered_on_its_own() -> None:
+    kept = KeptJson(10)
+    original = post(1)
+    kept.of(original, by_alias=True)
+    changed = original.model_copy(update={"text": "edited"})
+    assert b'"text":"edited"' in kept.of(changed, by_alias=True)
+
+
+def test_an_item_of_another_class_than_the_lists_is_left_to_pydantic() -> None:
+    render = leading_list_renderer(PostPage, by_alias=True, kept=KeptJson(10))
+    assert render is not None
+    answer = PostPage(items=[post(1), TaggedPost(**post(2).model_dump())])
+    assert render(answer) is None
+
+
+class Unfrozen(BaseModel):
+    id: str
+
+
+class ListOfUnfrozen(BaseModel):
+    items: list[Unfrozen]
+
+
+class ListSecond(BaseModel):
+    cursor: str | None
+    items: list[Post]
+
+
+class Aliased(BaseModel):
+    items: list[Post] = Field(serialization_alias="posts")
+
+
+class SerializedItsOwnWay(BaseModel):
+    items: list[Post]
+    note: str
+
+    @field_serializer("note")
+    def shout(self, note: str) -> str:
+        return note.upper()
+
+
+@pytest.mark.parametrize("model", [ListOfUnfrozen, ListSecond, Aliased, SerializedItsOwnWay, Author])
+def test_models_of_another_shape_are_left_to_pydantic(model: Any) -> None:
+    assert leading_list_renderer(model, by_alias=True, kept=KeptJson(10)) is None
