@@ -11,6 +11,8 @@ from threadline.platform.pagination import Page
 
 
 class Author(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
     id: str
     name: str
 
@@ -118,6 +120,29 @@ class SerializedItsOwnWay(BaseModel):
         return note.upper()
 
 
-@pytest.mark.parametrize("model", [ListOfUnfrozen, ListSecond, Aliased, SerializedItsOwnWay, Author])
+class HoldsUnfrozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    author: Unfrozen | None
+
+
+class HoldsAList(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    tags: list[str]
+
+
+class ListOfHoldsUnfrozen(BaseModel):
+    items: list[HoldsUnfrozen]
+
+
+class ListOfHoldsAList(BaseModel):
+    items: list[HoldsAList]
+
+
+@pytest.mark.parametrize(
+    "model",
+    [ListOfUnfrozen, ListSecond, Aliased, SerializedItsOwnWay, Author, ListOfHoldsUnfrozen, ListOfHoldsAList],
+)
 def test_models_of_another_shape_are_left_to_pydantic(model: Any) -> None:
     assert leading_list_renderer(model, by_alias=True, kept=KeptJson(10)) is None

@@ -47,7 +47,9 @@ class KeptJson:
 def leading_list_renderer(model_type: type[BaseModel], *, by_alias: bool, kept: KeptJson) -> Renderer | None:
     """How to render a `model_type` whose first field is a list of frozen models, its items from `kept`.
 
-    None if `model_type` is not of that shape, or has serializers of its own. The renderer gives
+    The items must be frozen all the way down (nested models frozen too, no lists or dicts), so
+    that a kept rendering cannot go stale. None if `model_type` is not of that shape, or has
+    serializers of its own. The renderer gives
     None for an answer it cannot render the same way (an item of another class than the list's).
     """
     fields = list(model_type.model_fields.items())
@@ -57,7 +59,7 @@ def leading_list_renderer(model_type: type[BaseModel], *, by_alias: bool, kept: 
     if get_origin(info.annotation) is not list or info.alias or info.serialization_alias or info.exclude:
         return None
     (item_type,) = get_args(info.annotation)
-    if not (isclass(item_type) and issubclass(item_type, BaseModel) and item_type.model_config.get("frozen")):
+    if not (isclass(item_type) and issubclass(item_type, BaseModel) and _immutable(item_type, set())):
         return None
     opening = b"{" + orjson.dumps(name) + b":["
     others = {name}
@@ -73,6 +75,25 @@ def leading_list_renderer(model_type: type[BaseModel], *, by_alias: bool, kept: 
         return opening + listed + (b"]}" if rest == b"{}" else b"]," + rest[1:])
 
     return render
+
+
+def _immutable(model_type: type[BaseModel], seen: set[type[BaseModel]]) -> bool:
+    """Whether `model_type` is frozen all the way down: frozen, and holding no lists, dicts or
+    sets, nor models that are not frozen all the way down themselves."""
+    if model_type in seen:
+        return True
+    seen.add(model_type)
+    if not model_type.model_config.get("frozen"):
+        return False
+    return all(_immutable_annotation(info.annotation, seen) for info in model_type.model_fields.values())
+
+
+def _immutable_annotation(annotation: Any, seen: set[type[BaseModel]]) -> bool:
+    if get_origin(annotation) in (list, dict, set):
+        return False
+    if isclass(annotation) and issubclass(annotation, BaseModel):
+        return _immutable(annotation, seen)
+    return all(_immutable_annotation(arg, seen) for arg in get_args(annotation))
 
 
 def _has_own_serializers(model_type: type[BaseModel]) -> bool:
