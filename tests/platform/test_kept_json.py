@@ -60,35 +60,38 @@ def pydantic_json(model: BaseModel) -> bytes:
     ],
 )
 def test_an_answer_is_rendered_as_pydantic_renders_it(answer: BaseModel) -> None:
-    render = leading_list_renderer(type(answer), by_alias=True, kept=KeptJson(10))
+    render = leading_list_renderer(type(answer), KeptJson(by_alias=True))
     assert render is not None
     assert render(answer) == pydantic_json(answer)
     # Again, its items now kept: still the same bytes.
     assert render(answer) == pydantic_json(answer)
 
 
-def test_an_item_is_rendered_once_while_kept_and_again_once_forgotten() -> None:
-    kept = KeptJson(2)
-    first, second, third = post(1), post(2), post(3)
-    rendered = kept.of(first, by_alias=True)
+def test_an_item_is_rendered_once_while_it_lives_and_let_go_when_it_dies() -> None:
+    kept = KeptJson(by_alias=True)
+    first, second = post(1), post(2)
+    rendered = kept.of(first)
     # Forced past its freezing, the kept object shows what it was rendered as.
     object.__setattr__(first, "likes", 99)
-    assert kept.of(first, by_alias=True) == rendered
-    kept.of(second, by_alias=True)
-    kept.of(third, by_alias=True)
-    assert b'"likes":99' in kept.of(first, by_alias=True)
+    assert kept.of(first) == rendered
+    kept.of(second)
+    assert len(kept) == 2
+    del first
+    assert len(kept) == 1
+    del second
+    assert len(kept) == 0
 
 
 def test_an_equal_object_is_rendered_on_its_own() -> None:
-    kept = KeptJson(10)
+    kept = KeptJson(by_alias=True)
     original = post(1)
-    kept.of(original, by_alias=True)
+    kept.of(original)
     changed = original.model_copy(update={"text": "edited"})
-    assert b'"text":"edited"' in kept.of(changed, by_alias=True)
+    assert b'"text":"edited"' in kept.of(changed)
 
 
 def test_an_item_of_another_class_than_the_lists_is_left_to_pydantic() -> None:
-    render = leading_list_renderer(PostPage, by_alias=True, kept=KeptJson(10))
+    render = leading_list_renderer(PostPage, KeptJson(by_alias=True))
     assert render is not None
     answer = PostPage(items=[post(1), TaggedPost(**post(2).model_dump())])
     assert render(answer) is None
@@ -145,4 +148,4 @@ class ListOfHoldsAList(BaseModel):
     [ListOfUnfrozen, ListSecond, Aliased, SerializedItsOwnWay, Author, ListOfHoldsUnfrozen, ListOfHoldsAList],
 )
 def test_models_of_another_shape_are_left_to_pydantic(model: Any) -> None:
-    assert leading_list_renderer(model, by_alias=True, kept=KeptJson(10)) is None
+    assert leading_list_renderer(model, KeptJson(by_alias=True)) is None

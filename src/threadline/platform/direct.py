@@ -223,9 +223,7 @@ def _direct(route: APIRoute) -> "_Direct | None":
     )
 
 
-# Items of the answers most recently rendered (a page of posts is twenty); a few MB at most.
-_ITEMS_KEPT = 20_000
-_kept_items = KeptJson(_ITEMS_KEPT)
+_kept_items = {by_alias: KeptJson(by_alias=by_alias) for by_alias in (True, False)}
 
 
 def _kept_renderer(route: APIRoute) -> Renderer | None:
@@ -240,7 +238,7 @@ def _kept_renderer(route: APIRoute) -> Renderer | None:
     )
     if not (plain_options and inspect.isclass(model) and issubclass(model, BaseModel)):
         return None
-    return leading_list_renderer(model, by_alias=route.response_model_by_alias, kept=_kept_items)
+    return leading_list_renderer(model, _kept_items[route.response_model_by_alias])
 
 
 @dataclass(frozen=True)

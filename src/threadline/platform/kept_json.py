@@ -3,19 +3,18 @@
 A service may hand out the same immutable (frozen) model object to many requests: the posts
 service shares one view of a post among every viewer who sees it the default way. Rendering a
 page of twenty such posts took pydantic about as long as the rest of the route's own work
-around it; here each object's JSON is rendered once, kept while the object is among the most
-recently rendered, and pages are put together from the kept pieces. The bytes are pydantic's
+around it; here each object's JSON is rendered once, kept while the object lives, and pages are
+put together from the kept pieces. The bytes are pydantic's
 own: each item by its model's serializer, the rest of the answer by the answer's.
 """
 
+import weakref
 from collections.abc import Callable
 from inspect import isclass
 from typing import Any, get_args, get_origin
 
 import orjson
 from pydantic import BaseModel
-
-from threadline.platform.lru import LruCache
 
 __all__ = ["KeptJson", "Renderer", "leading_list_renderer"]
 
@@ -24,33 +23,50 @@ Renderer = Callable[[BaseModel], bytes | None]
 
 
 class KeptJson:
-    """The JSON of frozen model objects, each rendered once while among the last `size` rendered.
+    """The JSON of frozen model objects, each rendered once and kept for as long as it lives.
 
-    Kept by the object's identity, with the object itself: an immutable object's JSON cannot
-    change, and a kept object cannot die and lend its identity to another.
+    Kept by the object's identity and let go when the object dies (a weak reference's callback,
+    run before its identity can be another's): an object a service holds on to, such as a post
+    it keeps in memory, is rendered once; one that lives for one answer costs one rendering and
+    holds no memory after it.
     """
 
-    def __init__(self, size: int) -> None:
-        self._kept: LruCache[tuple[int, bool], tuple[BaseModel, bytes]] = LruCache(size)
+    def __init__(self, *, by_alias: bool) -> None:
+        self.by_alias = by_alias
+        self._kept: dict[int, tuple[weakref.ref[BaseModel], bytes]] = {}
 
-    def of(self, model: BaseModel, *, by_alias: bool) -> bytes:
-        """The JSON of `model`, which must be frozen."""
-        key = (id(model), by_alias)
+    def __len__(self) -> int:
+        """How many objects' JSON is kept."""
+        return len(self._kept)
+
+    def of(self, model: BaseModel) -> bytes:
+        """The JSON of `model`, which must be frozen all the way down."""
+        key = id(model)
         kept = self._kept.get(key)
-        if kept is not None and kept[0] is model:
+        if kept is not None and kept[0]() is model:
             return kept[1]
-        rendered: bytes = model.__pydantic_serializer__.to_json(model, by_alias=by_alias)
-        self._kept.put(key, (model, rendered))
+        rendered: bytes = model.__pydantic_serializer__.to_json(model, by_alias=self.by_alias)
+        try:
+            ref = weakref.ref(model, self._forgetter(key))
+        except TypeError:
+            return rendered  # a class without weak references: rendered every time
+        self._kept[key] = (ref, rendered)
         return rendered
 
+    def _forgetter(self, key: int) -> Callable[["weakref.ref[BaseModel]"], None]:
+        def forget(_dead: "weakref.ref[BaseModel]") -> None:
+            self._kept.pop(key, None)
 
-def leading_list_renderer(model_type: type[BaseModel], *, by_alias: bool, kept: KeptJson) -> Renderer | None:
+        return forget
+
+
+def leading_list_renderer(model_type: type[BaseModel], kept: KeptJson) -> Renderer | None:
     """How to render a `model_type` whose first field is a list of frozen models, its items from `kept`.
 
     The items must be frozen all the way down (nested models frozen too, no lists or dicts), so
     that a kept rendering cannot go stale. None if `model_type` is not of that shape, or has
-    serializers of its own. The renderer gives
-    None for an answer it cannot render the same way (an item of another class than the list's).
+    serializers of its own. The renderer gives None for an answer it cannot render the same way
+    (an item of another class than the list's).
     """
     fields = list(model_type.model_fields.items())
     if not fields or _has_own_serializers(model_type):
@@ -70,8 +86,8 @@ def leading_list_renderer(model_type: type[BaseModel], *, by_alias: bool, kept: 
         for item in items:
             if type(item) is not item_type:
                 return None
-        rest: bytes = serializer.to_json(answer, by_alias=by_alias, exclude=others)
-        listed = b",".join([kept.of(item, by_alias=by_alias) for item in items])
+        rest: bytes = serializer.to_json(answer, by_alias=kept.by_alias, exclude=others)
+        listed = b",".join([kept.of(item) for item in items])
         return opening + listed + (b"]}" if rest == b"{}" else b"]," + rest[1:])
 
     return render
