@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tests.support.polling import eventually
 from tests.support.servers import serving
@@ -30,6 +30,7 @@ from threadline.platform.errors import (
 )
 from threadline.platform.http_client import CircuitBreaker, RetryBudget, ServiceClient
 from threadline.platform.http_pool import HttpSession
+from threadline.platform.kept_json import ItemsByJson
 
 HANG_CAP_SECONDS = 20.0
 
@@ -46,6 +47,22 @@ class Item(BaseModel):
     tags: list[str]
 
 
+class Tag(BaseModel):
+    """A frozen item of a listing."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    uses: int
+
+
+class Tags(BaseModel):
+    """An answer listing frozen items, for `call_for` with remembered items."""
+
+    items: list[Tag]
+    next_cursor: str | None
+
+
 class Flaky(BaseModel):
     """What /flaky answers."""
 
@@ -54,6 +71,7 @@ class Flaky(BaseModel):
 
 
 ITEM_ANSWER = b'{"id": "i1", "created_at": "2024-05-06T07:08:09Z", "tags": ["a", "b"]}'
+TAGS_ANSWER = b'{"items": [{"name": "a", "uses": 2}, {"name": "b", "uses": 1}], "next_cursor": "b"}'
 # Answers a caller cannot take as an Item: the wrong shape, not JSON at all, and no body.
 UNFIT_ANSWERS = {
     "wrong-shape": b'{"id": 1, "tags": "a"}',
@@ -121,7 +139,8 @@ class Remote:
         @app.get("/raw/{name}")
         async def raw(name: str) -> Response:
             self.calls[f"raw-{name}"] += 1
-            return Response({"item": ITEM_ANSWER, **UNFIT_ANSWERS}[name], media_type="application/json")
+            answers = {"item": ITEM_ANSWER, "tags": TAGS_ANSWER, **UNFIT_ANSWERS}
+            return Response(answers[name], media_type="application/json")
 
         @app.delete("/empty")
         async def empty() -> Response:
@@ -386,6 +405,22 @@ async def test_a_typed_call_validates_the_answer_from_its_bytes(
     item = await client.call_for(Item, "GET", "/raw/item")
     assert item == Item(id="i1", created_at=datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC), tags=["a", "b"])
     assert validated == [ITEM_ANSWER]
+
+
+async def test_a_typed_call_with_remembered_items_hands_out_an_item_seen_before(
+    remote: Remote, session: HttpSession
+) -> None:
+    """With `items`, the same item in a later answer is the object parsed the first time."""
+    client = ServiceClient("posts", remote.url, session)
+    remembered = ItemsByJson(size=10)
+    first = await client.call_for(Tags, "GET", "/raw/tags", items=remembered)
+    again = await client.call_for(Tags, "GET", "/raw/tags", items=remembered)
+    assert first == again == await client.call_for(Tags, "GET", "/raw/tags")
+    assert first.items[0] is again.items[0]
+    assert first.items[1] is again.items[1]
+    assert again.next_cursor == "b"
+    with pytest.raises(ValidationError):
+        await client.call_for(Tags, "GET", "/raw/wrong-shape", items=remembered)
 
 
 @pytest.mark.parametrize("name", sorted(UNFIT_ANSWERS))

@@ -1,12 +1,14 @@
-"""Answers listing frozen models first: the same bytes as pydantic's, each item rendered once while kept."""
+"""Answers listing frozen models first: the same bytes as pydantic's, each item rendered once while kept;
+parsed into the same models as pydantic's, each distinct item validated once while remembered."""
 
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_serializer
 
-from threadline.platform.kept_json import KeptJson, leading_list_renderer
+from threadline.platform.kept_json import ItemsByJson, KeptJson, leading_list_renderer
 from threadline.platform.pagination import Page
 
 
@@ -149,3 +151,72 @@ class ListOfHoldsAList(BaseModel):
 )
 def test_models_of_another_shape_are_left_to_pydantic(model: Any) -> None:
     assert leading_list_renderer(model, KeptJson(by_alias=True)) is None
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        PostPage(items=[]),
+        PostPage(items=[post(1), post(2, text=None)], next_cursor="p2", degraded=["payments"]),
+        OnlyPosts(items=[post(3), post(3), post(4, text='é\n\t"</script>')]),
+    ],
+)
+def test_an_answer_is_parsed_as_pydantic_parses_it(answer: BaseModel) -> None:
+    body = pydantic_json(answer)
+    items = ItemsByJson(size=100)
+    first = items.parse(type(answer), body)
+    assert first == type(answer).model_validate_json(body)
+    # Again, its items now remembered: an equal answer.
+    assert items.parse(type(answer), body) == first
+
+
+def test_an_item_seen_before_in_the_same_json_is_the_same_object() -> None:
+    items = ItemsByJson(size=100)
+    first = items.parse(PostPage, pydantic_json(PostPage(items=[post(1), post(2)])))
+    later = items.parse(OnlyPosts, pydantic_json(OnlyPosts(items=[post(2), post(1), post(5)])))
+    assert later.items[0] is first.items[1]
+    assert later.items[1] is first.items[0]
+    assert len(items) == 3
+    # Its JSON kept once serves every answer it is in.
+    kept = KeptJson(by_alias=True)
+    assert kept.of(later.items[0]) is kept.of(first.items[1])
+
+
+def test_an_item_whose_json_changed_is_parsed_again() -> None:
+    items = ItemsByJson(size=100)
+    before = items.parse(OnlyPosts, pydantic_json(OnlyPosts(items=[post(1)])))
+    liked = post(1).model_copy(update={"likes": 7})
+    after = items.parse(OnlyPosts, pydantic_json(OnlyPosts(items=[liked])))
+    assert after.items[0] is not before.items[0]
+    assert after.items[0].likes == 7
+
+
+def test_only_the_most_recently_used_items_are_remembered() -> None:
+    items = ItemsByJson(size=2)
+    first = items.parse(OnlyPosts, pydantic_json(OnlyPosts(items=[post(1), post(2), post(3)])))
+    assert len(items) == 2
+    again = items.parse(OnlyPosts, pydantic_json(OnlyPosts(items=[post(3), post(1)])))
+    assert again.items[0] is first.items[2]
+    assert again.items[1] is not first.items[0]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"items": "none"}',
+        b'{"items": [{"id": "p1"}]}',
+        orjson.dumps({"items": [], "next_cursor": 5}),
+    ],
+)
+def test_an_answer_that_does_not_fit_raises_as_pydantic_does(body: bytes) -> None:
+    with pytest.raises(ValidationError):
+        ItemsByJson(size=100).parse(PostPage, body)
+
+
+def test_an_answer_of_another_shape_is_parsed_whole() -> None:
+    answer = ListOfUnfrozen(items=[Unfrozen(id="u1")])
+    items = ItemsByJson(size=100)
+    assert items.parse(ListOfUnfrozen, pydantic_json(answer)) == answer
+    assert len(items) == 0

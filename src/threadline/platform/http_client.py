@@ -25,6 +25,7 @@ from threadline.platform.errors import (
     Unauthorized,
 )
 from threadline.platform.http_pool import IDEMPOTENT_METHODS, HttpAnswer, HttpSession
+from threadline.platform.kept_json import ItemsByJson
 
 __all__ = ["CircuitBreaker", "RetryBudget", "ServiceClient"]
 
@@ -141,13 +142,17 @@ class ServiceClient:
         token: str | None = None,
         headers: Mapping[str, str] | None = None,
         idempotent: bool | None = None,
+        items: ItemsByJson | None = None,
     ) -> ModelT:
         """Make one logical call as `call` does; its answer validated as `model` straight from the bytes.
 
+        With `items`, an answer listing frozen models takes each item seen before from there.
         An answer that does not fit `model` (or is not JSON) raises pydantic's ValidationError.
         """
-        # From the bytes: a tenth less CPU than decoding the JSON first and validating the objects.
         body = await self._answer_body(method, path, json, params, token, headers, idempotent)
+        if items is not None:
+            return items.parse(model, body)
+        # From the bytes: a tenth less CPU than decoding the JSON first and validating the objects.
         return model.model_validate_json(body)
 
     async def _answer_body(
