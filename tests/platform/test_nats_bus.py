@@ -6,8 +6,9 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client
@@ -22,7 +23,7 @@ from threadline.platform.nats_server import EmbeddedNats
 
 DEADLINE_SECONDS = 60.0
 
-MakeBus = Callable[[str], NatsBus]
+MakeBus = Callable[..., NatsBus]
 
 
 class Inbox:
@@ -87,8 +88,8 @@ async def make_bus(namespace: str) -> AsyncIterator[MakeBus]:
     """Buses in the test's namespace; closed, and their stream deleted, after the test."""
     made: list[tuple[str, NatsBus]] = []
 
-    def make(url: str) -> NatsBus:
-        bus = NatsBus(url, namespace)
+    def make(url: str, **options: Any) -> NatsBus:
+        bus = NatsBus(url, namespace, **options)
         made.append((url, bus))
         return bus
 
@@ -111,6 +112,46 @@ async def test_published_event_reaches_subscriber(nats_url: str, make_bus: MakeB
 
     await eventually(lambda: len(inbox.events) == 1, "the event is delivered")
     assert inbox.events == [event]
+
+
+async def test_an_event_reaches_a_waiting_consumer_without_waiting_out_its_fetch(
+    nats_url: str, make_bus: MakeBus
+) -> None:
+    """Events published one at a time, each while the consumer waits in a long fetch, are handed
+    over as they arrive (a fetch of a whole batch held one until the fetch's time was up)."""
+    inbox = Inbox()
+    bus = make_bus(nats_url, fetch_seconds=10 * DEADLINE_SECONDS)
+    bus.subscribe("posts", "user.updated", inbox)
+    await bus.start()
+    nc = Client()
+    await nc.connect(nats_url)
+    try:
+        published: list[str] = []
+        # Sixteen: a stale end-of-fetch status made the old fetch wait in about half of the rounds.
+        for n in range(16):
+            await eventually_async(
+                lambda: _waiting_pull_requests(nc, bus.stream, "posts__user_updated"),
+                "the consumer waits in a fetch",
+            )
+            event = user_updated(n)
+            await bus.publish(event)
+            published.append(event.id)
+            await eventually(lambda: inbox.ids == published, f"event {n} is delivered before the fetch ends")
+    finally:
+        await nc.close()
+
+
+async def _waiting_pull_requests(nc: Client, stream: str, consumer: str) -> bool:
+    info = await nc.jetstream().consumer_info(stream, consumer)
+    return bool(info.num_waiting)
+
+
+async def eventually_async(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {DEADLINE_SECONDS:.0f}s: {what}")
+        await asyncio.sleep(0.05)
 
 
 async def test_duplicate_publish_is_delivered_once(nats_url: str, make_bus: MakeBus) -> None:
