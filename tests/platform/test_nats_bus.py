@@ -6,7 +6,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,31 +127,20 @@ async def test_an_event_reaches_a_waiting_consumer_without_waiting_out_its_fetch
     await nc.connect(nats_url)
     try:
         published: list[str] = []
+
+        async def consumer_waits_in_a_fetch() -> None:
+            info = await nc.jetstream().consumer_info(bus.stream, "posts__user_updated")
+            assert info.num_waiting, "the consumer is not waiting in a fetch"
+
         # Sixteen: a stale end-of-fetch status made the old fetch wait in about half of the rounds.
         for n in range(16):
-            await eventually_async(
-                lambda: _waiting_pull_requests(nc, bus.stream, "posts__user_updated"),
-                "the consumer waits in a fetch",
-            )
+            await poll_until(consumer_waits_in_a_fetch, within=DEADLINE_SECONDS)
             event = user_updated(n)
             await bus.publish(event)
             published.append(event.id)
             await eventually(lambda: inbox.ids == published, f"event {n} is delivered before the fetch ends")
     finally:
         await nc.close()
-
-
-async def _waiting_pull_requests(nc: Client, stream: str, consumer: str) -> bool:
-    info = await nc.jetstream().consumer_info(stream, consumer)
-    return bool(info.num_waiting)
-
-
-async def eventually_async(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {DEADLINE_SECONDS:.0f}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_duplicate_publish_is_delivered_once(nats_url: str, make_bus: MakeBus) -> None:
