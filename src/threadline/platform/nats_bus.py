@@ -360,10 +360,12 @@ class NatsBus:
 async def _next_events(pull: JetStreamContext.PullSubscription, *, within_s: float) -> list[Msg]:
     """The next event as soon as it arrives, with the events already waiting behind it (a batch at most).
 
-    A fetch of a whole batch returns only once the batch is full or its time is up: an event
-    arriving while it waited was handled seconds late on a quiet system (the API promises feeds
-    and threads within a second). So one event is waited for, and those the server says wait
-    behind it are fetched at once. Raises TimeoutError if none arrives within `within_s`.
+    When the first request of nats-py's fetch of a whole batch meets the end-of-fetch answer left
+    by the fetch before (it often does), the fetch goes on with a request that can end only once
+    the batch is full or its time is up: an event arriving then was handled seconds late on a
+    quiet system (the API promises feeds and threads within a second). So one event is waited
+    for, and those the server says wait behind it are fetched at once. Raises TimeoutError if
+    none arrives within `within_s`.
     """
     first = await pull.fetch(1, timeout=within_s)
     behind = min(first[-1].metadata.num_pending, _FETCH_BATCH - 1)
