@@ -68,8 +68,8 @@ def test_each_operation_shows_the_share_of_time_the_host_lent_away() -> None:
     run["topologies"][0]["operation_cost"]["feed"]["stolen_share"] = 0.123
     lines = render_table(run).splitlines()
     assert "stolen" in next(line for line in lines if line.strip().startswith("kind"))
-    assert next(line for line in lines if line.strip().startswith("feed")).split()[5] == "12.3%"
-    assert next(line for line in lines if line.strip().startswith("compose")).split()[5] == "-"
+    assert next(line for line in lines if line.strip().startswith("feed")).split()[6] == "12.3%"
+    assert next(line for line in lines if line.strip().startswith("compose")).split()[6] == "-"
 
 
 def test_each_operation_shows_the_range_of_its_rounds() -> None:
@@ -84,6 +84,18 @@ def test_each_operation_shows_the_range_of_its_rounds() -> None:
     assert "rounds" in next(line for line in lines if line.strip().startswith("kind"))
     assert next(line for line in lines if line.strip().startswith("feed")).split()[2] == "1.10-1.31"
     assert next(line for line in lines if line.strip().startswith("compose")).split()[2] == "-"
+
+
+def test_a_read_shows_what_its_first_pass_cost() -> None:
+    """The first-pass column gives a read's CPU per call with its caches cold; a dash for a write."""
+    run = result(0.3)
+    run["topologies"][0]["operation_cost"]["feed"]["first_pass_cpu_ms_per_call"] = 1.875
+    lines = render_table(run).splitlines()
+    assert "first pass" in next(line for line in lines if line.strip().startswith("kind"))
+    heading = next(line for line in lines if "operation cost" in line)
+    assert "after a first pass over the same calls" in heading
+    assert next(line for line in lines if line.strip().startswith("feed")).split()[3] == "1.875"
+    assert next(line for line in lines if line.strip().startswith("compose")).split()[3] == "-"
 
 
 def test_a_step_that_completed_nothing_shows_dashes_for_its_percentiles() -> None:

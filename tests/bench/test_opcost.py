@@ -34,10 +34,10 @@ class RecordingApp:
 
 
 def reads_and_writes(rng: random.Random) -> Request:
-    """Half reads, half writes; each request's path says which of its kind it is."""
+    """Half reads, half writes; each request's path says which of its kind it is, and which draw."""
     if rng.random() < 0.5:
-        return Request("GET", "/read", kind="read")
-    return Request("POST", "/write", body=b"{}", kind="write")
+        return Request("GET", f"/read/{rng.randrange(10**9)}", kind="read")
+    return Request("POST", f"/write/{rng.randrange(10**9)}", body=b"{}", kind="write")
 
 
 def cost(cpu_s: float, calls: int, **fields: Any) -> OperationCost:
@@ -58,7 +58,11 @@ def cost(cpu_s: float, calls: int, **fields: Any) -> OperationCost:
 async def test_rounds_take_turns_between_kinds_and_keep_each_rounds_figure(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Reads then writes in every round; warm-ups only before the first; every call counted once."""
+    """Reads then writes in every round, warmed up only before the first; every call counted once.
+
+    A read is warmed up by a first pass over the very reads then measured (its CPU reported on its
+    own), a write by writes of its own.
+    """
     monkeypatch.setattr(opcost, "QUIET_S", 0.05)
     app = RecordingApp()
     progress: list[str] = []
@@ -72,12 +76,23 @@ async def test_rounds_take_turns_between_kinds_and_keep_each_rounds_figure(
             warmup_calls=1,
             progress=progress.append,
         )
-    read, write = "GET /read", "POST /write"
-    assert app.seen == [read] * 3 + [write] * 3 + [read, read, write, write] * 2
+    kinds = [seen.split("/")[1] for seen in app.seen]
+    assert kinds == ["read"] * 8 + ["write"] * 3 + ["read", "read", "write", "write"] * 2
+    reads = [seen for seen in app.seen if seen.startswith("GET /read/")]
+    writes = [seen for seen in app.seen if seen.startswith("POST /write/")]
+    assert reads[:6] == reads[6:]
+    assert len(set(reads)) > 1
+    assert writes[0] not in writes[1:]
     assert list(costs) == ["read", "write"]
+    assert costs["read"].warmup_calls == 6
+    assert costs["write"].warmup_calls == 1
+    first_pass = costs["read"].first_pass_cpu_ms_per_call
+    assert first_pass is not None
+    assert first_pass > 0
+    assert costs["read"].to_dict()["first_pass_cpu_ms_per_call"] == round(first_pass, 4)
+    assert costs["write"].first_pass_cpu_ms_per_call is None
     for found in costs.values():
         assert found.calls == 6
-        assert found.warmup_calls == 1
         assert found.errors == 0
         assert len(found.cpu_ms_per_call_by_round) == 3
         # The headline is every call's CPU together; each round's figure is its own.

@@ -714,18 +714,19 @@ def _operation_cost_lines(costs: dict[str, Any], targets: dict[str, float]) -> l
     in_rounds = f" in {rounds} rounds" if rounds > 1 else ""
     lines = [
         f"  operation cost: {calls} sequential calls per kind{in_rounds}, CPU of every process per call "
-        "(asynchronous work included)",
+        "(asynchronous work included); reads measured after a first pass over the same calls",
     ]
     split_by_process = any(len(cost["cpu_ms_by_process"]) > 1 for cost in costs.values())
-    header = f"  {'kind':<13} {'cpu ms/call':>11} {'rounds':>11} {'wall ms/call':>12} "
+    header = f"  {'kind':<13} {'cpu ms/call':>11} {'rounds':>11} {'first pass':>10} {'wall ms/call':>12} "
     header += f"{'errors':>6} {'stolen':>6}  {'target':<22} "
     lines.append((header + ("cpu ms/call by process" if split_by_process else "")).rstrip())
     for kind, cost in costs.items():
         split = cost["cpu_ms_by_process"]
         by_process = ", ".join(f"{k} {v:.3f}" for k, v in split.items()) if len(split) > 1 else ""
         spread = _spread(cost.get("cpu_ms_per_call_by_round", []))
+        first_pass = cost.get("first_pass_cpu_ms_per_call")
         row = (
-            f"  {kind:<13} {cost['cpu_ms_per_call']:>11.3f} {spread:>11} "
+            f"  {kind:<13} {cost['cpu_ms_per_call']:>11.3f} {spread:>11} {_or_dash(first_pass, '.3f'):>10} "
             f"{cost['wall_ms_per_call']:>12.2f} {cost['errors']:>6} {_percent(cost.get('stolen_share')):>6}  "
             f"{_verdict(kind, cost, targets):<22} {by_process}"
         )

@@ -1,8 +1,13 @@
 """Operation cost: the CPU that one operation of each kind costs the whole running system.
 
 The request mix is drawn with a seeded generator and split by `Request.kind`. Kind by kind, one
-client sends a short warm-up and then `calls` requests of that kind, one after the other over
-one keep-alive connection, so nothing else runs in the system meanwhile. The calls are made in
+client sends a warm-up and then `calls` requests of that kind, one after the other over one
+keep-alive connection, so nothing else runs in the system meanwhile. A read kind's warm-up is a
+first pass over the very requests then measured, its CPU reported beside the rest
+(`first_pass_cpu_ms_per_call`): what a read costs once the caches hold what it reads, as they do
+in a system that has been serving for a while, and what it cost the first time. Without it the
+first round filled the posts service's cache and cost up to three times the later ones. A
+write cannot be sent twice, so a write kind's warm-up is a few writes of its own. The calls are made in
 `rounds`, the kinds taking turns within each, so that a stretch in which the machine ran slower
 shows up as a spread between rounds rather than silently in one kind's figure. The cost of a kind is
 the CPU time (user + system) that every process of the topology spent from just before the first
@@ -75,6 +80,8 @@ class OperationCost:
     """Of the machine's CPU time meanwhile, the share the host gave to other machines."""
     cpu_ms_per_call_by_round: list[float] = field(default_factory=list)
     """The CPU per call of each round, in the order they ran."""
+    first_pass_cpu_ms_per_call: float | None = None
+    """For a read kind, the CPU per call of the untimed first pass over the same requests."""
 
     @classmethod
     def of_rounds(cls, rounds: "list[OperationCost]") -> "OperationCost":
@@ -108,6 +115,7 @@ class OperationCost:
             ),
             stolen_share=_mean([cost.stolen_share for cost in rounds]),
             cpu_ms_per_call_by_round=[cost.cpu_ms_per_call for cost in rounds],
+            first_pass_cpu_ms_per_call=first.first_pass_cpu_ms_per_call,
         )
 
     @property
@@ -140,6 +148,9 @@ class OperationCost:
             "idle_cpu_ms_per_s": None if idle is None else round(1000 * idle, 3),
             "stolen_share": None if self.stolen_share is None else round(self.stolen_share, 4),
             "cpu_ms_per_call_by_round": [round(cpu, 4) for cpu in self.cpu_ms_per_call_by_round],
+            "first_pass_cpu_ms_per_call": (
+                None if self.first_pass_cpu_ms_per_call is None else round(self.first_pass_cpu_ms_per_call, 4)
+            ),
         }
 
 
@@ -174,8 +185,10 @@ async def measure_operation_costs(
 ) -> dict[str, OperationCost]:
     """The cost of `calls` sequential requests of each kind `source` produces, in `rounds`, reads first.
 
-    Each kind is warmed up just before its first round's calls; each round's calls are measured
-    on their own, so that the result keeps every round's CPU per call beside their total.
+    Each kind is warmed up just before its first round's calls: a read kind by a first pass over
+    its measured requests, a write kind by `warmup_calls` writes of its own. Each round's calls
+    are measured on their own, so that the result keeps every round's CPU per call beside their
+    total.
     """
     if calls < 1 or rounds < 1:
         raise ValueError("calls and rounds must be positive")
@@ -184,22 +197,35 @@ async def measure_operation_costs(
     warmup = max(5, min(50, calls // 10)) if warmup_calls is None else warmup_calls
     drawn = requests_by_kind(source, warmup + calls, seed=seed)
     # Reads go first so that they read the data set the earlier phases left, not one grown by these composes.
-    kinds = sorted(drawn, key=lambda kind: drawn[kind][0].method != "GET")
+    kinds = sorted(drawn, key=lambda kind: not _reads(drawn[kind]))
     prefix = f"{label} " if label else ""
     measured: dict[str, list[OperationCost]] = {kind: [] for kind in kinds}
+    plural = "s" if rounds > 1 else ""
     async with SequentialClient(base_url) as client:
         for round_index in range(rounds):
             in_round = f" round {round_index + 1}/{rounds}" if rounds > 1 else ""
             for kind in kinds:
                 requests = drawn[kind][warmup:]
                 start, end = calls * round_index // rounds, calls * (round_index + 1) // rounds
-                warmup_requests = drawn[kind][:warmup] if round_index == 0 else []
-                if warmup_requests:
+                first_pass: OperationCost | None = None
+                warmup_requests: list[Request] = []
+                if round_index == 0 and _reads(requests):
+                    progress(
+                        f"    {prefix}operation cost of {kind}: a first pass over the {calls} calls, "
+                        f"then the same calls measured in {rounds} round{plural}"
+                    )
+                    first_pass = await _measure_kind(client, processes, [], requests)
+                    progress(f"    {prefix}{kind} first pass: cpu {first_pass.cpu_ms_per_call:.3f} ms/call")
+                elif round_index == 0:
+                    warmup_requests = drawn[kind][:warmup]
                     progress(
                         f"    {prefix}operation cost of {kind}: {warmup} warm-up calls, "
-                        f"then {calls} measured in {rounds} round{'s' if rounds > 1 else ''}"
+                        f"then {calls} measured in {rounds} round{plural}"
                     )
                 cost = await _measure_kind(client, processes, warmup_requests, requests[start:end])
+                if first_pass is not None:
+                    cost.warmup_calls, cost.warmup_errors = first_pass.calls, first_pass.errors
+                    cost.first_pass_cpu_ms_per_call = first_pass.cpu_ms_per_call
                 measured[kind].append(cost)
                 unsettled = "" if cost.settled else f", NOT idle within {SETTLE_DEADLINE_S:.0f} s"
                 progress(
@@ -208,6 +234,11 @@ async def measure_operation_costs(
                     f"(idle again {cost.settle_s:.1f} s after the last call{unsettled})"
                 )
     return {kind: OperationCost.of_rounds(costs) for kind, costs in measured.items()}
+
+
+def _reads(requests: list[Request]) -> bool:
+    """Whether requests may be sent twice: the kind reads (GET) and changes nothing."""
+    return requests[0].method == "GET"
 
 
 async def _measure_kind(
