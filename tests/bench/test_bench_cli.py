@@ -123,7 +123,7 @@ def test_bench_measures_a_system_running_already_from_outside(
     printed = capsys.readouterr().out
     assert "logging the seeded accounts in again" in printed
     assert "CPU per operation skipped" in printed
-    assert "not bulk-loaded" in printed
+    assert "not measured at scale" in printed
     result = json.loads((tmp_path / "results" / "latest.json").read_text())
     assert result["config"]["targets"] == {"monolith": runner.gateway_url}
     [target] = result["topologies"]

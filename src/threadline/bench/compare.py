@@ -11,8 +11,8 @@ service), and the peak resident memory of each process. The highest rate whose p
 the bound, with under 1% errors and at least 95% of the offered rate completed, is the max
 sustainable throughput; the default rates go on rising past their last (by a quarter each step)
 until one is not, and after the first rate that is not, rates halfway between narrow it down
-(`RateLadder`). Last, if asked, it grows each data set by bulk loading and measures feed reads
-at both sizes (`threadline.bench.scale`); that changes the data, so nothing follows it.
+(`RateLadder`). Last, if asked, it copies each system's databases twice, grows one copy by bulk
+loading, and measures feed reads at both sizes side by side (`threadline.bench.scale`).
 
 Instead of starting the topologies it can measure systems already running (`BenchConfig.targets`,
 each a gateway's URL: another machine, or processes started by hand). Those are seeded and offered
@@ -44,6 +44,7 @@ from threadline.bench.loadgen import (
     MachineTimes,
     RequestSource,
     cpu_seconds,
+    processes_of,
     run_open_loop,
 )
 from threadline.bench.opcost import (
@@ -52,11 +53,11 @@ from threadline.bench.opcost import (
     measure_operation_costs,
     wait_until_idle,
 )
-from threadline.bench.scale import FEED_CALLS, ScaleReport, measure_at_scale
+from threadline.bench.scale import FEED_CALLS, ScaleReport, measure_at_scale, started_like
 from threadline.bench.workload import PAGE as PAGE_SIZE
 from threadline.bench.workload import Dataset, refresh_tokens, seed, social_mix
 from threadline.platform.settings import Settings
-from threadline.runner import Runner, running
+from threadline.runner import running
 from threadline.topology import SERVICES, parse_topology
 
 __all__ = [
@@ -244,7 +245,7 @@ def run_bench(config: BenchConfig, progress: Progress = print) -> dict[str, Any]
             _measure_operation_costs(contender, config, progress)
         order = _offer_rates_in_turn(contenders, config, progress)
         for contender in contenders:
-            # Last: it grows the data set for good.
+            # Last: it takes the longest, and needs the system idle.
             _measure_at_scale(contender, config, progress)
         reports = [contender.report(config) for contender in contenders]
     micro: dict[str, Any] | None = None
@@ -404,7 +405,7 @@ def _start(name: str, config: BenchConfig, progress: Progress, stack: contextlib
         runner.gateway_url,
         config,
         progress,
-        processes=_processes(runner),
+        processes=processes_of(runner),
         process_names=[p.spec.name for p in runner.processes],
         settings=settings,
     )
@@ -574,22 +575,25 @@ def _measure_at_scale(contender: _Contender, config: BenchConfig, progress: Prog
         return
     if contender.settings is None:
         progress(
-            f"==> {contender.name}: not bulk-loaded: the loader writes into databases of systems started here"
+            f"==> {contender.name}: not measured at scale: it copies the databases of systems started here"
         )
         return
-    progress(f"==> {contender.name}: feed reads as seeded, then bulk-loaded to {config.scale_posts:,} posts")
+    progress(
+        f"==> {contender.name}: feed reads of its data as it is and bulk-loaded to "
+        f"{config.scale_posts:,} posts, side by side"
+    )
     began = time.monotonic()
-    contender.scale = uvloop.run(
-        measure_at_scale(
-            contender.url,
-            contender.settings,
-            contender.dataset,
-            target_posts=config.scale_posts,
-            calls=config.scale_calls,
-            seed=config.seed,
-            progress=progress,
-            label=contender.name,
-        )
+    # Copied once idle, so that the services' copies agree (nothing in flight between them).
+    uvloop.run(wait_until_idle(contender.processes))
+    contender.scale = measure_at_scale(
+        contender.settings,
+        contender.dataset,
+        target_posts=config.scale_posts,
+        calls=config.scale_calls,
+        seed=config.seed,
+        progress=progress,
+        label=contender.name,
+        start=started_like(contender.settings, out=_ProgressWriter(progress)),
     )
     contender.spent("scale", began)
 
@@ -605,14 +609,6 @@ def _measure(contender: _Contender, rate: float, config: BenchConfig) -> RateSte
         peak_rss_mb_by_process={name: _peak_rss_mb(proc) for name, proc in processes.items()},
         stolen_share=MachineTimes.now().stolen_share_since(machine),
     )
-
-
-def _processes(runner: Runner) -> dict[str, psutil.Process]:
-    found = {p.spec.name: psutil.Process(p.pid) for p in runner.processes}
-    nats_pid = runner.nats.pid if runner.nats is not None else None
-    if nats_pid is not None:
-        found["nats"] = psutil.Process(nats_pid)
-    return found
 
 
 def _peak_rss_mb(process: psutil.Process) -> float:
@@ -760,11 +756,8 @@ def _scale_lines(scale: dict[str, Any] | None) -> list[str]:
         return []
     base, scaled = scale["feed_ms_base"], scale["feed_ms_scaled"]
     sizes = f"{scale['base_posts']:,} posts ({scale['db_mb_base']['total']:,.0f} MiB)"
-    if scale["skipped"] or scaled is None:
-        return [
-            f"  feed at scale: p50 {_or_dash(base['p50'])} ms at {sizes}; "
-            f"{scale['target_posts']:,} posts skipped: {scale['skipped']}"
-        ]
+    if base is None or scaled is None:
+        return [f"  feed at scale: {sizes}; {scale['target_posts']:,} posts skipped: {scale['skipped']}"]
     verdict = {True: "met", False: "NOT met", None: "not measured"}[scale["met"]]
     errors = base["errors"] + scaled["errors"]
     lines = [
@@ -772,8 +765,11 @@ def _scale_lines(scale: dict[str, Any] | None) -> list[str]:
         f"{scale['scaled_posts']:,} posts ({scale['db_mb']['total']:,.0f} MiB): "
         f"{_or_dash(scale['ratio'], '.2f')}x, target <= {scale['target_ratio']:g}x: {verdict}"
         + (f" ({errors} errors)" if errors else ""),
-        f"    p99 {_or_dash(base['p99'])} -> {_or_dash(scaled['p99'])} ms over {scaled['calls']} sequential "
-        f"reads each; timeline rows {scale['timeline_rows_base']:,} -> {scale['timeline_rows']:,}; "
+        f"    p99 {_or_dash(base['p99'])} -> {_or_dash(scaled['p99'])} ms, CPU "
+        f"{_or_dash(base['cpu_ms_per_call'], '.3f')} -> {_or_dash(scaled['cpu_ms_per_call'], '.3f')} ms "
+        "a read; "
+        f"{scaled['calls']} sequential reads of each, alternated in blocks of {scale['block_calls']}",
+        f"    timeline rows {scale['timeline_rows_base']:,} -> {scale['timeline_rows']:,}; "
         f"first page unchanged in {scale['first_pages_unchanged']} reads",
         f"    {scale['bulk_posts']:,} posts bulk-loaded in {scale['load_s']:.0f} s "
         f"({scale['load_timeline_rows_per_s'] or 0:,} timeline rows/s)",

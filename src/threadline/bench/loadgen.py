@@ -20,6 +20,8 @@ import aiohttp
 import psutil
 from yarl import URL
 
+from threadline.runner import Runner
+
 __all__ = [
     "LoadResult",
     "MachineTimes",
@@ -27,6 +29,7 @@ __all__ = [
     "RequestSource",
     "cpu_seconds",
     "nearest_rank",
+    "processes_of",
     "rounded_ms",
     "run_open_loop",
 ]
@@ -46,6 +49,14 @@ class Request:
 
 
 RequestSource = Callable[[random.Random], Request]
+
+
+def processes_of(runner: Runner) -> dict[str, psutil.Process]:
+    """A started topology's processes by name, NATS's included when it started one."""
+    found = {p.spec.name: psutil.Process(p.pid) for p in runner.processes}
+    if runner.nats is not None and runner.nats.pid is not None:
+        found["nats"] = psutil.Process(runner.nats.pid)
+    return found
 
 
 def cpu_seconds(processes: Mapping[str, psutil.Process]) -> dict[str, float]:

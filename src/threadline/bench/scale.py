@@ -1,15 +1,24 @@
-"""Feed reads at scale: the same home-feed reads before and after the data set grows to a target size.
+"""Feed reads at scale: the same home-feed reads of the data set as seeded and grown to a target size.
 
 The target: a feed read's p50 at 1M posts stays within 1.2x its p50 at the API-seeded size, that
-is, its cost does not depend on how much data there is. Seeding 1M posts through the API (each
-one fanned out by events) would take hours, so after the API-seeded data set has been measured,
-a bulk loader writes the extra posts straight into the running system's SQLite files, in large
+is, its cost does not depend on how much data there is. The seeded system's databases are
+copied twice (SQLite's online backup, once the system is idle); one copy is grown to the target
+size by a bulk loader, and a system of the same topology is started on each copy. Reads then
+alternate between the two systems in blocks (`BLOCK_CALLS`), each block sent to one and then the
+other, the order swapped every block: a stretch in which the machine ran slower falls on both
+sizes alike, and neither size has the advantage of coming second. Measured one after the other
+instead (the same reads before and after loading, on one system), the ratio swung from 0.78x to
+1.55x between runs on the same code; alternated, it measured 0.95-1.02x. The seeded system
+itself is left as it was.
+
+Seeding 1M posts through the API (each one fanned out by events) would take hours, so the
+bulk loader writes the extra posts straight into the copy's SQLite files, in large
 transactions: for each post its `posts` row, its `thread_nodes` row, feed's `post_copies` row,
 and its `timeline_entries` rows for its author and every account that follows the author by
 feed's own copy of the follow graph. That is what the services themselves would have stored,
-with the tables taken from each service's store module. The services keep running meanwhile
-(WAL lets another process write; their writers retry BEGIN IMMEDIATE, so each loader
-transaction is kept short, about `ROWS_PER_TRANSACTION` rows).
+with the tables taken from each service's store module. (It can also load into the files of a
+running system: WAL lets another process write, and the services' writers retry BEGIN
+IMMEDIATE, so each loader transaction is kept short, about `ROWS_PER_TRANSACTION` rows.)
 
 Bulk posts are public root posts (no replies, likes or subscribers-only posts) by uniformly
 drawn seeded accounts, as seeding draws its authors, so that the timelines grow in the same
@@ -19,20 +28,16 @@ still the API-seeded posts, and a feed read has to find it in an index that is a
 `target / seeded` times larger. Dating them after the seeded posts would instead make every read
 a read of bulk rows, which measures the loader's rows rather than the size of the data.
 
-Both series of reads are the same requests (the mix's feed reads, drawn with the same seed, so
-the same readers in the same order), sent one at a time over one keep-alive connection; wall time
-per call. Each series is timed on its second pass over those requests (`warm_then_read_feeds`):
-the first, untimed, leaves the same things in memory for both sizes (the posts the pages show in
-the posts service's cache, the pages of the index that those timelines use in SQLite's and the
-kernel's caches). A warm-up of other reads would not: the 1M series, coming second, would find
-the base series' posts kept and the base series would not, and the order, not the size, would
-then decide much of the ratio (it measured 0.78x once that way). This measures the cost of a
-larger index, not of a cold disk or a cold cache. Before loading, the expected disk use is estimated from
-the seeded databases' size per row, and the load is skipped (or stopped) rather than fill the
-disk.
+Both systems get the same requests (the mix's feed reads, drawn with the same seed, so the
+same readers in the same order), sent one at a time over one keep-alive connection; wall time
+per call, and the CPU its system's processes spent. Each system first gets one untimed pass over
+all of them, which leaves the same things in memory at both sizes (the posts the pages show in
+the posts service's cache, the pages of the index those timelines use in SQLite's and the
+kernel's caches): this measures the cost of a larger index, not of a cold disk or a cold cache.
+Before copying, the disk both copies and the load will take is estimated from the seeded
+databases' size per row, and the phase is skipped (or the load stopped) rather than fill the disk.
 """
 
-import asyncio
 import math
 import random
 import shutil
@@ -40,7 +45,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import itemgetter
@@ -48,19 +53,25 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 import sqlalchemy as sa
+import uvloop
 from sqlalchemy.dialects import sqlite
 
-from threadline.bench.loadgen import Request, nearest_rank, rounded_ms
+from threadline.bench.loadgen import Request, cpu_seconds, nearest_rank, processes_of, rounded_ms
 from threadline.bench.opcost import SequentialClient, requests_by_kind
 from threadline.bench.workload import Dataset, social_mix
 from threadline.platform.ids import id_at
 from threadline.platform.settings import Settings
+from threadline.runner import running
 from threadline.services.feed.store import follows, post_copies, timeline_entries
 from threadline.services.posts.store import authors, posts
 from threadline.services.threads.store import thread_nodes
+from threadline.topology import SERVICES as ALL_SERVICES
+from threadline.topology import parse_topology
 
 __all__ = [
+    "BLOCK_CALLS",
     "FEED_CALLS",
     "ROWS_PER_TRANSACTION",
     "TARGET_RATIO",
@@ -69,17 +80,22 @@ __all__ = [
     "LoadOutcome",
     "ScaleError",
     "ScaleReport",
+    "StartSystem",
+    "SystemCopy",
+    "alternate_reads",
     "bulk_load",
+    "copy_databases",
     "data_size",
     "database_paths",
     "feed_requests",
     "measure_at_scale",
     "read_feeds",
-    "warm_then_read_feeds",
+    "started_like",
 ]
 
 TARGET_RATIO = 1.2
 FEED_CALLS = 1000
+BLOCK_CALLS = 100
 ROWS_PER_TRANSACTION = 200_000
 MAX_POSTS_PER_TRANSACTION = 20_000
 BULK_SPAN_MS = 30 * 86_400_000
@@ -90,6 +106,18 @@ _DIALECT = sqlite.dialect(paramstyle="named")
 _WORDS = ("archive", "batch", "index", "page", "cursor", "older", "quiet", "weekday", "rerun", "notes")
 
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SystemCopy:
+    """A system started on a copy of the databases: its gateway's URL and its processes."""
+
+    url: str
+    processes: Mapping[str, psutil.Process]
+
+
+StartSystem = Callable[[Path], AbstractContextManager[SystemCopy]]
+"""Runs a system of the measured topology on the databases in a directory, for a `with` block."""
 
 
 class ScaleError(RuntimeError):
@@ -105,6 +133,23 @@ class FeedReads:
     error_reasons: dict[str, int]
     items: int
     first_pages: list[list[str]]  # per call, the post ids of the page (empty for a failed call)
+    cpu_s: float = 0.0
+    """What the system's processes spent meanwhile (counted by whoever sent the reads)."""
+
+    @classmethod
+    def empty(cls) -> "FeedReads":
+        """No reads yet."""
+        return cls(latencies_ms=[], errors=0, error_reasons={}, items=0, first_pages=[])
+
+    def extend(self, more: "FeedReads") -> None:
+        """Add the reads of `more` after these."""
+        self.latencies_ms += more.latencies_ms
+        self.errors += more.errors
+        for reason, count in more.error_reasons.items():
+            self.error_reasons[reason] = self.error_reasons.get(reason, 0) + count
+        self.items += more.items
+        self.first_pages += more.first_pages
+        self.cpu_s += more.cpu_s
 
     @property
     def calls(self) -> int:
@@ -125,6 +170,7 @@ class FeedReads:
             "errors": self.errors,
             "error_reasons": dict(self.error_reasons),
             "items_per_call": round(self.items / self.calls, 2) if self.calls else None,
+            "cpu_ms_per_call": round(1000 * self.cpu_s / self.calls, 4) if self.calls else None,
         }
 
 
@@ -156,13 +202,14 @@ class LoadOutcome:
 
 @dataclass
 class ScaleReport:
-    """Feed reads at the seeded size and at the target size, and what it took to get there."""
+    """Feed reads at the seeded size and at the target size, alternated, and what it took to get there."""
 
     target_posts: int
     base: DataSize
-    reads_base: FeedReads
     expected_fanout: float
     estimated_bytes: int
+    block_calls: int = BLOCK_CALLS
+    reads_base: FeedReads | None = None
     scaled: DataSize | None = None
     reads_scaled: FeedReads | None = None
     load: LoadOutcome | None = None
@@ -172,15 +219,15 @@ class ScaleReport:
     @property
     def ratio(self) -> float | None:
         """Scaled p50 over seeded p50, if both were measured."""
-        if self.reads_scaled is None:
+        if self.reads_base is None or self.reads_scaled is None:
             return None
         base, scaled = self.reads_base.percentile(50), self.reads_scaled.percentile(50)
         return None if math.isnan(base) or math.isnan(scaled) or base <= 0 else scaled / base
 
     @property
     def first_pages_unchanged(self) -> int | None:
-        """Calls whose page after loading starts with the page they got before (seeded posts on top)."""
-        if self.reads_scaled is None:
+        """Calls whose page at the target size starts with the page as seeded (seeded posts on top)."""
+        if self.reads_base is None or self.reads_scaled is None:
             return None
         pairs = zip(self.reads_base.first_pages, self.reads_scaled.first_pages, strict=True)
         return sum(1 for before, after in pairs if before and after[: len(before)] == before)
@@ -191,12 +238,13 @@ class ScaleReport:
         ratio = self.ratio
         if ratio is None or self.scaled is None or self.scaled.posts < self.target_posts:
             return None
-        scaled_errors = self.reads_scaled.errors if self.reads_scaled is not None else 0
-        return scaled_errors == 0 and self.reads_base.errors == 0 and ratio <= self.target_ratio
+        errors = sum(reads.errors for reads in (self.reads_base, self.reads_scaled) if reads is not None)
+        return errors == 0 and ratio <= self.target_ratio
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary."""
-        scaled, load, reads_scaled, ratio = self.scaled, self.load, self.reads_scaled, self.ratio
+        scaled, load, ratio = self.scaled, self.load, self.ratio
+        reads_base, reads_scaled = self.reads_base, self.reads_scaled
         rows_per_s = load.timeline_rows / load.seconds if load and load.seconds > 0 else None
         return {
             "target_posts": self.target_posts,
@@ -209,10 +257,11 @@ class ScaleReport:
             "db_mb": scaled.db_mb() if scaled else None,
             "expected_fanout": round(self.expected_fanout, 2),
             "estimated_extra_db_mb": round(self.estimated_bytes / 2**20, 1),
-            "feed_untimed_pass_calls": self.reads_base.calls,
-            "feed_ms_base": self.reads_base.to_dict(),
+            "feed_untimed_pass_calls": reads_base.calls if reads_base else 0,
+            "block_calls": self.block_calls,
+            "feed_ms_base": reads_base.to_dict() if reads_base else None,
             "feed_ms_scaled": reads_scaled.to_dict() if reads_scaled else None,
-            "feed_p50_ms_base": rounded_ms(self.reads_base.percentile(50)),
+            "feed_p50_ms_base": rounded_ms(reads_base.percentile(50)) if reads_base else None,
             "feed_p50_ms_scaled": rounded_ms(reads_scaled.percentile(50)) if reads_scaled else None,
             "ratio": None if ratio is None else round(ratio, 3),
             "target_ratio": self.target_ratio,
@@ -232,15 +281,44 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat(timespec="seconds")
 
 
-def database_paths(settings: Settings) -> dict[str, Path]:
-    """The SQLite files of the posts, feed and threads services; ScaleError if one is not SQLite."""
+def database_paths(settings: Settings, services: Sequence[str] = SERVICES) -> dict[str, Path]:
+    """The SQLite files of `services` (by default those the loader writes); ScaleError for any other."""
     paths = {}
-    for service in SERVICES:
+    for service in services:
         url = sa.engine.make_url(settings.database_url(service))
         if url.get_backend_name() != "sqlite" or not url.database:
-            raise ScaleError(f"the bulk loader writes SQLite files, and {service} uses {url.drivername}")
+            raise ScaleError(
+                f"the scale phase copies and loads SQLite files, and {service} uses {url.drivername}"
+            )
         paths[service] = Path(url.database)
     return paths
+
+
+def copy_databases(settings: Settings, into: Path) -> None:
+    """Copy every service's database into `into` as `<service>.db`, each by SQLite's online backup.
+
+    Each copy is consistent on its own; the services' copies agree with each other when nothing
+    was in flight meanwhile (the system idle).
+    """
+    into.mkdir(parents=True, exist_ok=True)
+    for service, source in database_paths(settings, ALL_SERVICES).items():
+        with (
+            closing(sqlite3.connect(source)) as original,
+            closing(sqlite3.connect(into / f"{service}.db")) as copy,
+        ):
+            original.backup(copy)
+
+
+def started_like(settings: Settings, **options: Any) -> StartSystem:
+    """Starts systems configured as `settings` on directories of copies; `options` are `running`'s."""
+
+    @contextmanager
+    def start(data_dir: Path) -> Iterator[SystemCopy]:
+        copied = _settings_in(settings, data_dir).model_copy(update={"port": 0})
+        with running(parse_topology(settings.topology, ALL_SERVICES), copied, **options) as runner:
+            yield SystemCopy(runner.gateway_url, processes_of(runner))
+
+    return start
 
 
 def feed_requests(dataset: Dataset, calls: int, *, seed: int = 0) -> list[Request]:
@@ -248,36 +326,52 @@ def feed_requests(dataset: Dataset, calls: int, *, seed: int = 0) -> list[Reques
     return requests_by_kind(social_mix(dataset), calls, seed=seed)["feed"]
 
 
-async def read_feeds(base_url: str, requests: Sequence[Request], *, timeout_s: float = 10.0) -> FeedReads:
-    """Send `requests` one at a time over one keep-alive connection; wall time and page of each."""
-    reads = FeedReads(latencies_ms=[], errors=0, error_reasons={}, items=0, first_pages=[])
-    async with SequentialClient(base_url, timeout_s=timeout_s) as client:
-        for request in requests:
-            answer = await client.send(request)
-            if answer.failure is not None:
-                reads.errors += 1
-                reads.error_reasons[answer.failure] = reads.error_reasons.get(answer.failure, 0) + 1
-                reads.first_pages.append([])
-                continue
-            ids = [item["id"] for item in orjson.loads(answer.body)["items"]]
-            reads.latencies_ms.append(answer.elapsed_s * 1000)
-            reads.items += len(ids)
-            reads.first_pages.append(ids)
+async def read_feeds(client: SequentialClient, requests: Sequence[Request]) -> FeedReads:
+    """Send `requests` one at a time through `client`; wall time and page of each."""
+    reads = FeedReads.empty()
+    for request in requests:
+        answer = await client.send(request)
+        if answer.failure is not None:
+            reads.errors += 1
+            reads.error_reasons[answer.failure] = reads.error_reasons.get(answer.failure, 0) + 1
+            reads.first_pages.append([])
+            continue
+        ids = [item["id"] for item in orjson.loads(answer.body)["items"]]
+        reads.latencies_ms.append(answer.elapsed_s * 1000)
+        reads.items += len(ids)
+        reads.first_pages.append(ids)
     return reads
 
 
-async def warm_then_read_feeds(base_url: str, requests: Sequence[Request]) -> FeedReads:
-    """`read_feeds` twice over the same requests; the second pass, what the first left cached, is returned."""
-    await read_feeds(base_url, requests)
-    return await read_feeds(base_url, requests)
+async def alternate_reads(
+    systems: tuple[SystemCopy, SystemCopy], requests: Sequence[Request], *, block_calls: int = BLOCK_CALLS
+) -> tuple[FeedReads, FeedReads]:
+    """Each system's reads of `requests`, sent after an untimed pass over them, in alternating blocks.
+
+    Block by block, the same requests go to one system and then to the other, the first of the
+    two swapped every block; each block's CPU is what its system's processes spent meanwhile.
+    """
+    async with SequentialClient(systems[0].url) as first, SequentialClient(systems[1].url) as second:
+        clients = (first, second)
+        for client in clients:
+            await read_feeds(client, requests)
+        reads = (FeedReads.empty(), FeedReads.empty())
+        for number, start in enumerate(range(0, len(requests), block_calls)):
+            for index in (0, 1) if number % 2 == 0 else (1, 0):
+                processes = systems[index].processes
+                before = sum(cpu_seconds(processes).values())
+                block = await read_feeds(clients[index], requests[start : start + block_calls])
+                block.cpu_s = sum(cpu_seconds(processes).values()) - before
+                reads[index].extend(block)
+    return reads
 
 
 class _Db:
-    """One service's SQLite file, opened by the loader next to the running service."""
+    """One service's SQLite file, opened by the loader (next to its service, if that runs)."""
 
     def __init__(self, path: Path) -> None:
         if not path.exists():
-            raise ScaleError(f"no database at {path}: is the system running on this data directory?")
+            raise ScaleError(f"no database at {path}: was the system started on this data directory?")
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         # synchronous=OFF only on this connection: a crash mid-load may lose the load, nothing else.
         for pragma in ("busy_timeout=60000", "synchronous=OFF", "cache_size=-262144", "temp_store=MEMORY"):
@@ -552,77 +646,106 @@ def _author_snapshots(db: _Db, dataset: Dataset) -> dict[str, tuple[str, str]]:
     return found
 
 
-async def measure_at_scale(
-    base_url: str,
+def measure_at_scale(
     settings: Settings,
     dataset: Dataset,
     *,
     target_posts: int,
     calls: int = FEED_CALLS,
+    block_calls: int = BLOCK_CALLS,
     seed: int = 0,
     progress: Progress = print,
     label: str = "",
     disk_reserve_bytes: int = DISK_RESERVE_BYTES,
+    workdir: Path | None = None,
+    start: StartSystem | None = None,
 ) -> ScaleReport:
-    """Feed reads at the present size, then bulk-load to `target_posts` posts, then the same reads again.
+    """Feed reads of the system as it is and grown to `target_posts` posts, on two copies, alternated.
 
-    This changes the data for good, so it must be the last thing measured on the system.
+    The system (configured by `settings`, and idle) is only read from: its databases are copied
+    into `workdir` (by default `scale` in its data directory), one copy is grown, and a system is
+    started on each by `start` (by default `started_like(settings)`). The copies go at the end,
+    unless the phase failed: then they stay, with their systems' logs.
     """
-    if calls < 1:
-        raise ValueError("calls must be positive")
-    prefix = f"{label} " if label else ""
-    paths = database_paths(settings)
-    requests = feed_requests(dataset, calls, seed=seed)
-    # The loader ends with a checkpoint; one now makes both sizes, and both series of reads, alike.
-    with _opened(paths) as dbs:
-        for db in dbs.values():
-            db.checkpoint()
-    base = data_size(paths)
-    progress(
-        f"    {prefix}scale: {calls} sequential feed reads at {base.posts:,} posts "
-        f"({base.timeline_rows:,} timeline rows), each timed on the second of two passes"
-    )
-    reads_base = await warm_then_read_feeds(base_url, requests)
-    progress(f"    {prefix}scale: feed p50 {reads_base.percentile(50):.2f} ms at {base.posts:,} posts")
-    with _opened({"feed": paths["feed"]}) as dbs:
-        fanout = _expected_fanout(dataset, _timeline_owners(dbs["feed"], dataset))
-    extra = max(target_posts - base.posts, 0)
-    estimated = _estimated_extra_bytes(base, extra, fanout)
-    report = ScaleReport(
-        target_posts=target_posts,
-        base=base,
-        reads_base=reads_base,
-        expected_fanout=fanout,
-        estimated_bytes=estimated,
-    )
-    free = shutil.disk_usage(paths["feed"].parent).free
-    if estimated > free - disk_reserve_bytes:
-        report.skipped = (
-            f"{extra:,} more posts x {fanout:.0f} timeline rows each would take about "
-            f"{estimated / 2**30:.1f} GiB; {free / 2**30:.1f} GiB are free and "
-            f"{disk_reserve_bytes / 2**30:.1f} GiB must stay free"
+    if calls < 1 or block_calls < 1:
+        raise ValueError("calls and block_calls must be positive")
+    prefix = f"    {label} scale: " if label else "    scale: "
+    database_paths(settings, ALL_SERVICES)  # refuses a system whose databases this cannot copy
+    workdir = workdir or settings.data_dir / "scale"
+    as_seeded, grown = workdir / "as-seeded", workdir / "grown"
+    try:
+        progress(f"{prefix}copying the databases as they are into {as_seeded}")
+        copy_databases(settings, as_seeded)
+        base = data_size(_files_in(as_seeded))
+        with _opened({"feed": _files_in(as_seeded)["feed"]}) as dbs:
+            fanout = _expected_fanout(dataset, _timeline_owners(dbs["feed"], dataset))
+        extra = max(target_posts - base.posts, 0)
+        report = ScaleReport(
+            target_posts=target_posts,
+            base=base,
+            expected_fanout=fanout,
+            estimated_bytes=_estimated_extra_bytes(base, extra, fanout),
+            block_calls=block_calls,
         )
-        progress(f"    {prefix}scale: skipped: {report.skipped}")
-        return report
-    report.load = await asyncio.to_thread(
-        bulk_load,
-        paths,
-        dataset,
-        target_posts,
-        seed=seed,
-        progress=progress,
-        label=label,
-        disk_reserve_bytes=disk_reserve_bytes,
-    )
-    report.scaled = data_size(paths)
-    progress(
-        f"    {prefix}scale: {calls} sequential feed reads at {report.scaled.posts:,} posts "
-        f"({report.scaled.timeline_rows:,} timeline rows), each timed on the second of two passes"
-    )
-    report.reads_scaled = await warm_then_read_feeds(base_url, requests)
-    ratio = report.ratio
-    progress(
-        f"    {prefix}scale: feed p50 {report.reads_scaled.percentile(50):.2f} ms at "
-        f"{report.scaled.posts:,} posts; ratio {'-' if ratio is None else f'{ratio:.2f}'}"
-    )
+        report.skipped = _short_of_disk(report, extra, workdir, disk_reserve_bytes)
+        if report.skipped:
+            progress(f"{prefix}skipped: {report.skipped}")
+        else:
+            copy_databases(_settings_in(settings, as_seeded), grown)
+            report.load = bulk_load(
+                _files_in(grown),
+                dataset,
+                target_posts,
+                seed=seed,
+                progress=progress,
+                label=label,
+                disk_reserve_bytes=disk_reserve_bytes,
+            )
+            report.scaled = data_size(_files_in(grown))
+            progress(f"{prefix}a system on each copy: {base.posts:,} and {report.scaled.posts:,} posts")
+            with ExitStack() as copies:
+                start = start or started_like(settings)
+                systems = (copies.enter_context(start(as_seeded)), copies.enter_context(start(grown)))
+                progress(
+                    f"{prefix}{calls} sequential feed reads of each, after an untimed pass over them, "
+                    f"alternated in blocks of {block_calls}"
+                )
+                requests = feed_requests(dataset, calls, seed=seed)
+                report.reads_base, report.reads_scaled = uvloop.run(
+                    alternate_reads(systems, requests, block_calls=block_calls)
+                )
+            ratio = report.ratio
+            progress(
+                f"{prefix}feed p50 {report.reads_base.percentile(50):.2f} ms at {base.posts:,} posts, "
+                f"{report.reads_scaled.percentile(50):.2f} ms at {report.scaled.posts:,}; "
+                f"ratio {'-' if ratio is None else f'{ratio:.2f}'}"
+            )
+    except BaseException:
+        progress(f"{prefix}did not finish; the copies, and their systems' logs, are kept in {workdir}")
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
     return report
+
+
+def _short_of_disk(report: ScaleReport, extra: int, workdir: Path, reserve_bytes: int) -> str | None:
+    """Why a second copy and the load would not fit on the disk, or None if they would."""
+    free = shutil.disk_usage(workdir).free
+    copy_bytes = sum(report.base.db_bytes.values())
+    needed = copy_bytes + report.estimated_bytes
+    if needed <= free - reserve_bytes:
+        return None
+    return (
+        f"a second copy of the databases ({copy_bytes / 2**30:.1f} GiB) and {extra:,} more posts x "
+        f"{report.expected_fanout:.0f} timeline rows each would take about {needed / 2**30:.1f} GiB; "
+        f"{free / 2**30:.1f} GiB are free and {reserve_bytes / 2**30:.1f} GiB must stay free"
+    )
+
+
+def _settings_in(settings: Settings, data_dir: Path) -> Settings:
+    """`settings` with every database a SQLite file in `data_dir`."""
+    return settings.model_copy(update={"data_dir": data_dir, "database_urls": {}})
+
+
+def _files_in(data_dir: Path) -> dict[str, Path]:
+    """The loaded services' database files in a directory of copies."""
+    return {service: data_dir / f"{service}.db" for service in SERVICES}
