@@ -235,4 +235,5 @@ def test_bench_reports_the_scale_phase(tmp_path: Path, capsys: pytest.CaptureFix
     assert set(topology["phase_s"]) == {"seed", "rates", "scale"}
     out = capsys.readouterr().out
     assert "feed at scale: p50" in out
-    assert "alternated in blocks of" in out
+    assert f"alternated in blocks of {CALLS}" in out  # a block is never longer than the reads
+    assert scale["block_calls"] == CALLS

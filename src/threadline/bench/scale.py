@@ -669,6 +669,7 @@ def measure_at_scale(
     """
     if calls < 1 or block_calls < 1:
         raise ValueError("calls and block_calls must be positive")
+    block_calls = min(block_calls, calls)
     prefix = f"    {label} scale: " if label else "    scale: "
     database_paths(settings, ALL_SERVICES)  # refuses a system whose databases this cannot copy
     workdir = workdir or settings.data_dir / "scale"
